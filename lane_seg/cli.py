@@ -47,7 +47,7 @@ def build_parser():
     demo = verbs.add_parser('demo', help='render a short synthetic drive to pictures/video')
     demo.add_argument('--out', default='out/demo', help='output folder (default out/demo)')
     demo.add_argument('--frames', type=int, default=60)
-    demo.add_argument('--seed', type=int, default=7)
+    demo.add_argument('--seed', type=int, default=11)
     demo.add_argument('--size', type=_size, default=(256, 512), help='HxW (default 256x512)')
     demo.add_argument('--no-video', action='store_true', help='skip drive.mp4')
     demo.add_argument('--quiet', action='store_true', help='no progress bar')
