@@ -1,4 +1,5 @@
-"""Make the synthetic-drive figures of README.md and docs/synthetic_drive.md.
+"""
+Make the synthetic-drive figures of README.md and docs/synthetic_drive.md.
 
 Run from the repository root: ``.venv/bin/python docs/scripts/synthetic_drive_figures.py``.
 """
