@@ -1,0 +1,1 @@
+"""Models: U-Net family, FlowNetSimple, metadata, quantization and export."""

@@ -1,0 +1,172 @@
+"""
+ONNX export with embedded metadata, the ONNX Runtime int8 form, and TensorRT's QDQ rules.
+
+Three artefacts per model:
+- ``*_fp32.onnx``: the float model (BatchNorm folded by the exporter in eval mode);
+- ``*_int8_qdq.onnx``: explicit quantization for TensorRT: QuantizeLinear/DequantizeLinear
+  pairs, int8, zero point 0, per-channel weight scales on axis 0, per-tensor activations;
+- ``*_int8_ort.onnx``: the same numbers for ONNX Runtime on x86: activations re-expressed as
+  uint8 with zero point 128 (q_u8 = q_s8 + 128, identical values) so that its QDQ fusion runs
+  u8s8 integer kernels (VNNI), the form MLAS is fastest with.
+"""
+
+import json
+from pathlib import Path
+import warnings
+
+import numpy as np
+
+from .metadata import dumps, METADATA_KEY, sidecar_path, validate, weights_sha256
+
+# Ops TensorRT 10 imports from ONNX that our models use, plus Q/DQ.
+TRT_OPS = {'Conv', 'Relu', 'Resize', 'Concat', 'QuantizeLinear', 'DequantizeLinear', 'Identity',
+           'Constant', 'Add', 'Mul', 'Sigmoid', 'ConvTranspose', 'MaxPool', 'Clip', 'Slice',
+           'Cast', 'Reshape', 'Transpose'}
+
+
+def export_onnx(model, meta: dict, path, opset: int = 17) -> dict:
+    """Export a float or fake-quantized (frozen) torch model; embed and return its metadata."""
+    import torch
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    spec_in = meta['inputs'][0]
+    spec_out = meta['outputs'][0]
+    model.eval()
+    dummy = torch.zeros(*spec_in['shape'])
+    with warnings.catch_warnings():
+        warnings.simplefilter('ignore')
+        torch.onnx.export(model, (dummy,), str(path), dynamo=False, opset_version=opset,
+                          input_names=[spec_in['name']], output_names=[spec_out['name']],
+                          do_constant_folding=True)
+    return embed_metadata(path, meta)
+
+
+def embed_metadata(path, meta: dict) -> dict:
+    """Write ``meta`` (with the weights' hash) into the ONNX file and its .json sidecar."""
+    import onnx
+    path = Path(path)
+    model = onnx.load(str(path))
+    blobs = [onnx.numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
+    meta = dict(meta, weights_sha256=weights_sha256(blobs))
+    validate(meta, path)
+    del model.metadata_props[:]
+    entry = model.metadata_props.add()
+    entry.key = METADATA_KEY
+    entry.value = dumps(meta)
+    onnx.save(model, str(path))
+    sidecar_path(path).write_text(json.dumps(meta, indent=2, sort_keys=True) + '\n')
+    return meta
+
+
+def to_ort_int8(qdq_path, out_path):
+    """
+    Re-express activation Q/DQ pairs for ONNX Runtime's integer kernels; same scales.
+
+    Non-negative tensors (after ReLU, and their up-sampling and concatenation) become uint8
+    with zero point 0: the ReLU before them is then redundant, ORT drops it and fuses
+    DQ -> Conv -> Q into one QLinearConv (u8 activations x s8 weights, VNNI). Signed tensors
+    (the normalized input) become uint8 with zero point 128 (q_u8 = q_s8 + 128). Weights stay
+    int8 per channel. Inside the calibrated range the values are identical to the TensorRT
+    model's; above it the uint8 form saturates at 255 steps instead of 127.
+    """
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(qdq_path))
+    graph = model.graph
+    producers = {out: n for n in graph.node for out in n.output}
+    constant_names = ({t.name for t in graph.initializer}
+                      | {n.output[0] for n in graph.node if n.op_type == 'Constant'})
+    consumers = {}
+    for node in graph.node:
+        for name in node.input:
+            consumers.setdefault(name, []).append(node)
+
+    def non_negative(name, depth=0):
+        node = producers.get(name)
+        if node is None or depth > 16:
+            return False
+        if node.op_type == 'Relu':
+            return True
+        if node.op_type in ('Resize', 'DequantizeLinear', 'Identity', 'MaxPool'):
+            return non_negative(node.input[0], depth + 1)
+        if node.op_type == 'Concat':
+            return all(non_negative(i, depth + 1) for i in node.input)
+        return False
+
+    zero_points = {'u8_0': np.array(0, np.uint8), 'u8_128': np.array(128, np.uint8)}
+    for key, value in zero_points.items():
+        graph.initializer.append(numpy_helper.from_array(value, f'lane_seg_zp_{key}'))
+    changed = 0
+    for node in graph.node:
+        if node.op_type != 'QuantizeLinear' or node.input[0] in constant_names:
+            continue
+        zp = 'lane_seg_zp_u8_0' if non_negative(node.input[0]) else 'lane_seg_zp_u8_128'
+        node.input[2] = zp
+        for dq in consumers.get(node.output[0], []):
+            if dq.op_type == 'DequantizeLinear':
+                dq.input[2] = zp
+        changed += 1
+    if changed == 0:
+        raise ValueError(f'{qdq_path}: no activation QuantizeLinear to convert')
+    onnx.save(model, str(out_path))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+    meta['quantization'] = dict(meta['quantization'], ort_activation_type='uint8')
+    return embed_metadata(out_path, meta)
+
+
+def _const_value(name, inits, consts):
+    from onnx import numpy_helper
+    if name in inits:
+        return numpy_helper.to_array(inits[name])
+    if name in consts:
+        for attr in consts[name].attribute:
+            if attr.name == 'value':
+                return numpy_helper.to_array(attr.t)
+    return None
+
+
+def check_tensorrt_qdq(path) -> list:
+    """
+    Problems that would stop TensorRT's explicit quantization (empty list: the graph is fine).
+
+    Rules: opset >= 13; every QuantizeLinear/DequantizeLinear has an int8 zero point equal to
+    0 (symmetric) and positive finite scales; per-channel scales only on axis 0 of weights;
+    every op is one TensorRT imports; at least one Q/DQ pair (it is a quantized model).
+    """
+    import onnx
+    model = onnx.load(str(path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == 'Constant'}
+    problems = []
+    opset = max((o.version for o in model.opset_import if o.domain in ('', 'ai.onnx')),
+                default=0)
+    if opset < 13:
+        problems.append(f'opset {opset} < 13 (per-channel Q/DQ needs 13)')
+    qdq = 0
+    for node in graph.node:
+        if node.op_type not in TRT_OPS:
+            problems.append(f'{node.name or node.op_type}: op {node.op_type} not supported')
+        if node.op_type not in ('QuantizeLinear', 'DequantizeLinear'):
+            continue
+        qdq += 1
+        label = node.name or node.output[0]
+        scale = _const_value(node.input[1], inits, consts)
+        if scale is None or not np.all(np.isfinite(scale)) or np.any(scale <= 0):
+            problems.append(f'{label}: scale missing, non-finite or not positive')
+        if len(node.input) < 3 or not node.input[2]:
+            problems.append(f'{label}: no zero point (defaults to uint8, TensorRT needs int8)')
+            continue
+        zp = _const_value(node.input[2], inits, consts)
+        if zp is None:
+            problems.append(f'{label}: zero point is not a constant')
+        elif zp.dtype != np.int8:
+            problems.append(f'{label}: zero point type {zp.dtype} is not int8')
+        elif np.any(zp != 0):
+            problems.append(f'{label}: zero point {zp.tolist()} is not 0 (asymmetric)')
+        axis = next((a.i for a in node.attribute if a.name == 'axis'), 1)
+        if scale is not None and np.ndim(scale) == 1 and axis != 0:
+            problems.append(f'{label}: per-channel scale on axis {axis}, TensorRT needs 0')
+    if qdq == 0:
+        problems.append('no QuantizeLinear/DequantizeLinear: not an explicitly quantized model')
+    return problems

@@ -1,0 +1,1 @@
+"""Pure pre- and post-processing around the engines (no rclpy, no torch)."""

@@ -1,0 +1,1 @@
+"""Training, quantization and evaluation of the lane and flow models (needs torch)."""

@@ -1,0 +1,275 @@
+"""
+Optical-flow training of the quantizable FlowNetSimple: float, PTQ and QAT.
+
+``lane-seg train flow --data cache:DIR|folder:DIR|kitti:DIR`` trains on frame pairs with exact
+flow, loss = end-point error over valid pixels at the output resolution (1/4 of the input),
+validates EPE at the ground truth's resolution. ``--init CKPT --quant-bits B`` quantizes
+(BatchNorm folded, per-channel weights, learned activation ranges), calibrates and fine-tunes.
+"""
+
+import argparse
+from dataclasses import asdict, dataclass, field
+import json
+import math
+from pathlib import Path
+import shlex
+import sys
+import time
+
+import cv2
+import numpy as np
+
+from .cache import FrameCache
+from .seg import LANE_NORMALIZATION, quant_metadata
+from ..data import open_flow_dataset
+from ..pipeline.preprocess import prepare
+
+
+@dataclass
+class FlowTrainConfig:
+    """Everything a flow run depends on."""
+
+    data: str = 'cache:/work/cache/train'
+    val: str = 'cache:/work/cache/val'
+    out: str = 'runs/flow'
+    arch: dict = field(default_factory=lambda: {'width': 0.25, 'levels': 6})
+    input_size: tuple = (256, 512)
+    crop: tuple = (128, 256)
+    epochs: int = 8
+    batch: int = 8
+    lr: float = 2e-3
+    weight_decay: float = 1e-4
+    seed: int = 0
+    init: str = ''
+    quant_bits: int = 0
+    act_bits: int = 0
+    calib_batches: int = 16
+    max_val: int = 0
+    threads: int = 2
+
+
+def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
+    from ..models.flownet import FLOW_DIV
+    h, w = cfg.input_size
+    bits = cfg.quant_bits
+    return {
+        'format': 'lane_seg.model/1', 'task': 'optical_flow', 'name': name,
+        'inputs': [{'name': 'frames', 'shape': [1, 6, h, w], 'layout': 'NCHW',
+                    'dtype': 'float32', 'stacking': 'previous, current'}],
+        'outputs': [{'name': 'flow', 'shape': [1, 2, h // 4, w // 4], 'kind': 'flow',
+                     'flow_scale': FLOW_DIV, 'units': 'pixels of the model input per frame',
+                     'direction': 'forward: previous -> current'}],
+        'color_order': 'RGB', 'normalization': dict(LANE_NORMALIZATION),
+        'roi': {'top': 0.0, 'bottom': 1.0, 'left': 0.0, 'right': 1.0},
+        'quantization': quant_metadata(bits, cfg.act_bits or bits),
+        'training': {'data': cfg.data, 'seed': cfg.seed, 'epochs': cfg.epochs,
+                     'command': 'lane-seg train flow ' + shlex.join(sys.argv[3:])},
+        'metrics': {}, 'weights_sha256': '',
+        'architecture': {'type': 'flownets', 'config': dict(cfg.arch),
+                         'quant': ({'weight_bits': bits, 'act_bits': cfg.act_bits or bits,
+                                    'per_channel': True, 'learn_scales': True}
+                                   if bits else None)},
+    }
+
+
+class FlowSamples:
+    """(image1, image2, flow, valid) pairs from a cache or a flow data set."""
+
+    def __init__(self, spec: str):
+        kind, _, path = spec.partition(':')
+        if not path:
+            raise ValueError(f'data {spec!r} must be KIND:PATH (cache, folder, kitti)')
+        self.cache = FrameCache(path) if kind == 'cache' else None
+        self.dataset = None if self.cache else open_flow_dataset(path, fmt=kind)
+
+    def __len__(self):
+        return len(self.cache) if self.cache else len(self.dataset)
+
+    def __getitem__(self, i):
+        if self.cache:
+            c = self.cache
+            return (np.asarray(c.images[i]), np.asarray(c.next[i]),
+                    np.asarray(c.flow[i], dtype=np.float32), np.asarray(c.valid[i]))
+        item = self.dataset[i]
+        return item['image1'], item['image2'], item['flow'], item['valid']
+
+
+def stack_frames(image1, image2, meta):
+    x1, _ = prepare(image1, meta)
+    x2, _ = prepare(image2, meta)
+    return np.concatenate([x1, x2], axis=0)
+
+
+def _target(flow, valid, meta):
+    """GT flow in model-input pixels at the input size, and its validity."""
+    h, w = meta['inputs'][0]['shape'][2:]
+    sy, sx = h / flow.shape[0], w / flow.shape[1]
+    f = cv2.resize(np.nan_to_num(flow), (w, h), interpolation=cv2.INTER_AREA)
+    f[..., 0] *= sx
+    f[..., 1] *= sy
+    v = cv2.resize(valid.astype(np.float32), (w, h), interpolation=cv2.INTER_AREA) > 0.99
+    return f.transpose(2, 0, 1), v
+
+
+def batches(samples, meta, cfg, rng, train=True):
+    import torch
+    order = list(range(len(samples)))
+    if train:
+        rng.shuffle(order)
+    ch, cw = cfg.crop
+    for start in range(0, len(order), cfg.batch):
+        xs, fs, vs = [], [], []
+        for i in order[start:start + cfg.batch]:
+            image1, image2, flow, valid = samples[i]
+            if train and rng.random() < 0.5:   # horizontal flip: u changes sign
+                image1, image2 = image1[:, ::-1], image2[:, ::-1]
+                flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
+                valid = valid[:, ::-1]
+            if train:
+                gain, bias = rng.uniform(0.75, 1.25), rng.uniform(-20, 20)
+                image1 = np.clip(image1 * gain + bias, 0, 255).astype(np.uint8)
+                image2 = np.clip(image2 * gain + bias, 0, 255).astype(np.uint8)
+            x = stack_frames(np.ascontiguousarray(image1), np.ascontiguousarray(image2), meta)
+            f, v = _target(np.ascontiguousarray(flow), np.ascontiguousarray(valid), meta)
+            top = rng.integers(0, x.shape[1] - ch + 1) // 4 * 4
+            left = rng.integers(0, x.shape[2] - cw + 1) // 4 * 4
+            xs.append(x[:, top:top + ch, left:left + cw])
+            fs.append(f[:, top:top + ch, left:left + cw])
+            vs.append(v[top:top + ch, left:left + cw])
+        yield (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(fs)),
+               torch.from_numpy(np.stack(vs)))
+
+
+def flow_loss(pred, flow, valid):
+    """EPE over valid pixels at the prediction's resolution (GT area-pooled to it)."""
+    import torch.nn.functional as F
+    from ..models.flownet import FLOW_DIV
+    size = pred.shape[-2:]
+    f = F.interpolate(flow, size=size, mode='area')
+    v = F.interpolate(valid[:, None].float(), size=size, mode='area') > 0.99
+    err = (pred * FLOW_DIV - f).pow(2).sum(1, keepdim=True).add(1e-6).sqrt()
+    return (err * v).sum() / v.sum().clamp(min=1)
+
+
+def predict_full(model, image1, image2, meta):
+    """Model flow resized to the frames' resolution, in frame pixels."""
+    import torch
+    import torch.nn.functional as F
+    from ..models.flownet import FLOW_DIV
+    h, w = meta['inputs'][0]['shape'][2:]
+    x = torch.from_numpy(stack_frames(image1, image2, meta))[None]
+    out = model(x) * FLOW_DIV
+    H, W = image1.shape[:2]
+    up = F.interpolate(out, size=(H, W), mode='bilinear', align_corners=False)[0].numpy()
+    return np.stack([up[0] * (W / w), up[1] * (H / h)], axis=-1)
+
+
+def evaluate(model, samples, meta, cfg) -> dict:
+    import torch
+    from ..metrics import epe, fl_all, flow_valid_count
+    model.eval()
+    tot_e = tot_o = 0.0
+    cnt = 0
+    n = len(samples) if not cfg.max_val else min(cfg.max_val, len(samples))
+    t0 = time.perf_counter()
+    with torch.inference_mode():
+        for i in range(n):
+            image1, image2, flow, valid = samples[i]
+            pred = predict_full(model, image1, image2, meta)
+            k = flow_valid_count(flow, valid)
+            if k:
+                tot_e += epe(pred, flow, valid) * k
+                tot_o += fl_all(pred, flow, valid) * k
+                cnt += k
+    return {'epe': round(tot_e / max(cnt, 1), 4), 'fl_all': round(tot_o / max(cnt, 1), 4),
+            'frames': n, 'seconds': round(time.perf_counter() - t0, 1)}
+
+
+def train(cfg: FlowTrainConfig, log=print) -> dict:
+    import torch
+    from ..models import checkpoint
+    from ..models.quant import calibrate, quantize_model, QuantConfig
+    torch.set_num_threads(cfg.threads)
+    torch.manual_seed(cfg.seed)
+    rng = np.random.default_rng(cfg.seed)
+    out = Path(cfg.out)
+    out.mkdir(parents=True, exist_ok=True)
+    meta = flow_metadata(cfg, out.name)
+    train_set, val_set = FlowSamples(cfg.data), FlowSamples(cfg.val)
+    history = []
+    if cfg.init:
+        model, init_meta = checkpoint.load_model(cfg.init, task='optical_flow')
+        meta['architecture'] = dict(init_meta['architecture'],
+                                    quant=meta['architecture']['quant']
+                                    or init_meta['architecture'].get('quant'))
+        if cfg.quant_bits and not init_meta['architecture'].get('quant'):
+            quantize_model(model, QuantConfig(**meta['architecture']['quant']))
+            calib = []
+            for x, _, _ in batches(train_set, meta, cfg, rng):
+                if len(calib) >= cfg.calib_batches:
+                    break
+                calib.append(x)
+            calibrate(model, calib)
+        metrics = evaluate(model, val_set, meta, cfg)
+        history.append({'epoch': 0, **metrics})
+        log(f'start: {metrics}')
+    else:
+        model = checkpoint.build_model(meta['architecture'])
+        metrics = {}
+    if cfg.epochs > 0:
+        from tqdm import tqdm
+        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
+                                lr=cfg.lr, weight_decay=cfg.weight_decay)
+        steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch)
+        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
+                                                    pct_start=0.15 if not cfg.init else 0.05)
+        for epoch in range(1, cfg.epochs + 1):
+            model.train()
+            total = count = 0.0
+            for x, f, v in tqdm(batches(train_set, meta, cfg, rng),
+                                total=math.ceil(len(train_set) / cfg.batch),
+                                desc=f'epoch {epoch}/{cfg.epochs}', leave=False,
+                                disable=not sys.stderr.isatty()):
+                loss = flow_loss(model(x), f, v)
+                opt.zero_grad(set_to_none=True)
+                loss.backward()
+                opt.step()
+                sched.step()
+                total += float(loss) * x.shape[0]
+                count += x.shape[0]
+            metrics = evaluate(model, val_set, meta, cfg)
+            metrics['loss'] = round(total / max(count, 1), 4)
+            history.append({'epoch': epoch, **metrics})
+            log(f'epoch {epoch}: {metrics}')
+    meta['metrics'] = {'val': metrics, 'history': history}
+    meta['training']['config'] = json.loads(json.dumps(asdict(cfg)))
+    path = checkpoint.save(out / f'{out.name}.safetensors', model, meta)
+    return {'checkpoint': str(path), 'metrics': metrics}
+
+
+def add_arguments(p: argparse.ArgumentParser):
+    d = FlowTrainConfig()
+    p.add_argument('--data', default=d.data, help='KIND:PATH, KIND in cache folder kitti')
+    p.add_argument('--val', default=d.val)
+    p.add_argument('--out', default=d.out)
+    p.add_argument('--width', type=float, default=d.arch['width'])
+    p.add_argument('--levels', type=int, default=d.arch['levels'])
+    p.add_argument('--epochs', type=int, default=d.epochs)
+    p.add_argument('--batch', type=int, default=d.batch)
+    p.add_argument('--lr', type=float, default=d.lr)
+    p.add_argument('--crop', type=int, nargs=2, default=d.crop)
+    p.add_argument('--seed', type=int, default=d.seed)
+    p.add_argument('--init', default='')
+    p.add_argument('--quant-bits', type=int, default=0)
+    p.add_argument('--act-bits', type=int, default=0)
+    p.add_argument('--max-val', type=int, default=0)
+    p.add_argument('--threads', type=int, default=2)
+
+
+def config_from_args(args) -> FlowTrainConfig:
+    return FlowTrainConfig(
+        data=args.data, val=args.val, out=args.out,
+        arch={'width': args.width, 'levels': args.levels}, crop=tuple(args.crop),
+        epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
+        quant_bits=args.quant_bits, act_bits=args.act_bits, max_val=args.max_val,
+        threads=args.threads)
