@@ -34,6 +34,10 @@ setup(
     entry_points={
         'console_scripts': [
             'lane-seg = lane_seg.cli:main',
+            'lane_seg_node = lane_seg.ros.lane_seg_node:main',
+            'flow_node = lane_seg.ros.flow_node:main',
+            'camera_sim_node = lane_seg.ros.camera_sim_node:main',
+            'carla_camera_node = lane_seg.carla.client_node:main',
         ],
     },
 )

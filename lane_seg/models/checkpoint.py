@@ -105,22 +105,35 @@ def load_model(path, task=None):
         raise CheckpointError(f'{path}: metadata has no architecture entry')
     model = build_model(info['architecture'])
     state = {k[len('model.'):]: v for k, v in tensors.items() if k.startswith('model.')}
-    result = model.load_state_dict(state, strict=False)
+    try:
+        result = model.load_state_dict(state, strict=False)
+    except RuntimeError as exc:   # shape mismatches
+        detail = '; '.join(line.strip() for line in str(exc).splitlines()[1:4])
+        raise CheckpointError(f'{path}: weights do not match the '
+                              f'{info["architecture"].get("type")} architecture: '
+                              f'{detail}') from exc
     if result.missing_keys or result.unexpected_keys:
         raise CheckpointError(
             f'{path}: weights do not match the {info["architecture"].get("type")} '
             f'architecture: missing {result.missing_keys[:5]}, '
             f'unexpected {result.unexpected_keys[:5]}')
-    _restore_quant_flags(model)
+    _restore_quant_flags(model, info)
     model.eval()
     return model, info
 
 
-def _restore_quant_flags(model):
-    from .quant import ActQuant
-    for m in model.modules():
-        if isinstance(m, ActQuant):
-            m.calibrating = False
+def _restore_quant_flags(model, info):
+    """Re-link bias quantizers of a fake-quantized model (the links are not tensors)."""
+    import torch
+    from .quant import ActQuant, link_bias_quantizers
+    quants = [m for m in model.modules() if isinstance(m, ActQuant)]
+    for m in quants:
+        m.calibrating = False
+    if quants:
+        shape = [1] + list(info['inputs'][0]['shape'][1:]) if 'inputs' in info else None
+        if shape:
+            model.eval()
+            link_bias_quantizers(model, torch.zeros(*shape))
 
 
 def restore_optimizer(optimizer, tensors, info):

@@ -87,7 +87,8 @@ def to_ort_int8(qdq_path, out_path):
             return False
         if node.op_type == 'Relu':
             return True
-        if node.op_type in ('Resize', 'DequantizeLinear', 'Identity', 'MaxPool'):
+        if node.op_type in ('Resize', 'DequantizeLinear', 'QuantizeLinear', 'Identity',
+                            'MaxPool'):
             return non_negative(node.input[0], depth + 1)
         if node.op_type == 'Concat':
             return all(non_negative(i, depth + 1) for i in node.input)

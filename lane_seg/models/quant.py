@@ -32,8 +32,11 @@ class QuantConfig:
     act_bits: int = 8
     per_channel: bool = True
     learn_scales: bool = True   # LSQ-style learned activation ranges during QAT
+    scheme: str = 'ours'        # 'ours' (above) or 'study' (the FPGA FlowNetS paper's)
 
     def __post_init__(self):
+        if self.scheme not in ('ours', 'study'):
+            raise ValueError(f"scheme={self.scheme!r} must be 'ours' or 'study'")
         for name in ('weight_bits', 'act_bits'):
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
@@ -50,13 +53,20 @@ def qrange(bits: int):
 
 
 class ActQuant(nn.Module):
-    """Per-tensor symmetric activation fake-quantizer with a calibrated or learned scale."""
+    """
+    Per-tensor activation fake-quantizer with a calibrated or learned scale.
 
-    def __init__(self, bits=8, learn=True):
+    ``mode='symmetric'``: signed, zero point 0, range +-max|x| (TensorRT's form).
+    ``mode='sigma4'``: the FlowNetS study's unsigned range [0, 4 sigma] after BN + ReLU.
+    """
+
+    def __init__(self, bits=8, learn=True, mode='symmetric'):
         super().__init__()
         self.bits = bits
-        self.learn = learn
-        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=learn)
+        self.learn = learn and mode == 'symmetric'
+        self.mode = mode
+        self.register_buffer('moments', torch.zeros(3, dtype=torch.float64))
+        self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=self.learn)
         self.register_buffer('calibrated', torch.tensor(False))
         self.register_buffer('running_max', torch.tensor(0.0))
         self.calibrating = False
@@ -74,10 +84,13 @@ class ActQuant(nn.Module):
         if self.calibrating:
             with torch.no_grad():
                 self.running_max.copy_(torch.maximum(self.running_max, x.detach().abs().max()))
+                xd = x.detach().double()
+                self.moments += torch.stack([xd.new_tensor(float(xd.numel())), xd.sum(),
+                                             (xd * xd).sum()])
             return x
         if not self.enabled or not bool(self.calibrated):
             return x
-        qmin, qmax = qrange(self.bits)
+        qmin, qmax = (0, 2 ** self.bits - 1) if self.mode == 'sigma4' else qrange(self.bits)
         scale = self.scale.abs() + 1e-8
         if self.learn and self.training:
             # LSQ: gradient to the scale scaled by 1 / sqrt(numel * qmax).
@@ -86,9 +99,13 @@ class ActQuant(nn.Module):
         return _fake_quant(x, scale, qmin, qmax)
 
     def finish_calibration(self):
-        qmax = qrange(self.bits)[1]
         with torch.no_grad():
-            self.scale.copy_(torch.clamp(self.running_max, min=1e-4) / qmax)
+            if self.mode == 'sigma4':
+                n, s1, s2 = self.moments.tolist()
+                sigma = max((s2 / max(n, 1) - (s1 / max(n, 1)) ** 2), 0.0) ** 0.5
+                self.scale.fill_(max(4.0 * sigma, 1e-4) / (2 ** self.bits - 1))
+            else:
+                self.scale.copy_(torch.clamp(self.running_max, min=1e-4) / qrange(self.bits)[1])
             self.calibrated.fill_(True)
         self.calibrating = False
 
@@ -106,6 +123,8 @@ class QConv2d(nn.Conv2d):
     bits = 8
     per_channel = True
     frozen_scale = None
+    frozen_bias = None
+    unit_range = False   # study scheme: weights clipped to [-1, 1], scale 1 / qmax
 
     @classmethod
     def from_conv(cls, conv: nn.Conv2d, bits: int, per_channel: bool) -> 'QConv2d':
@@ -124,6 +143,8 @@ class QConv2d(nn.Conv2d):
     def weight_scale(self):
         qmax = qrange(self.bits)[1]
         w = self.weight.detach()
+        if self.unit_range:
+            return torch.full((w.shape[0],), 1.0 / qmax, device=w.device)
         if self.per_channel:
             amax = w.abs().flatten(1).max(dim=1).values
         else:
@@ -142,8 +163,30 @@ class QConv2d(nn.Conv2d):
                 0, -128, 127)
         return _fake_quant(self.weight, scale.view(-1, 1, 1, 1), qmin, qmax)
 
+    def input_quant(self):
+        """Return the ActQuant feeding this conv (linked by ``link_bias_quantizers``)."""
+        ref = self.__dict__.get('_input_quant')
+        return ref() if ref is not None else None
+
+    def quantized_bias(self):
+        """
+        Bias on the int32 grid of input scale x weight scale, as integer kernels use it.
+
+        ONNX Runtime's QLinearConv (and TensorRT) add the bias in int32 with that scale; the
+        fake-quantized model rounds it the same way so both compute the same numbers.
+        """
+        quant = self.input_quant()
+        if quant is None or not bool(quant.calibrated) or not quant.enabled:
+            return self.bias
+        step = (quant.scale.abs() + 1e-8) * self.weight_scale()
+        q = self.bias / step
+        return (q + (torch.round(q) - q).detach()) * step
+
     def forward(self, x):
-        return self._conv_forward(x, self.quantized_weight(), self.bias)
+        if torch.onnx.is_in_onnx_export():
+            bias = self.frozen_bias if self.frozen_bias is not None else self.bias
+            return self._conv_forward(x, self.quantized_weight(), bias)
+        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:
@@ -166,21 +209,31 @@ def fold_batchnorm(model: nn.Module) -> nn.Module:
 
 
 def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
-    """Return ``model`` made fake-quantized in place (BN folded, QConv2d, ActQuant)."""
+    """
+    Return ``model`` made fake-quantized in place.
+
+    ``ours``: BN folded, per-channel weight scales, learned symmetric activation ranges on
+    every tensor that feeds a conv. ``study``: BN kept (BN + ReLU before every quantizer),
+    weights clipped to [-1, 1] on a uniform grid, activations after ReLU in [0, 4 sigma].
+    """
     model.eval()
-    fold_batchnorm(model)
+    study = qcfg.scheme == 'study'
+    if not study:
+        fold_batchnorm(model)
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Conv2d) and not isinstance(child, QConv2d):
-                setattr(module, child_name,
-                        QConv2d.from_conv(child, qcfg.weight_bits, qcfg.per_channel))
+                q = QConv2d.from_conv(child, qcfg.weight_bits, qcfg.per_channel)
+                q.unit_range = study
+                setattr(module, child_name, q)
             elif isinstance(child, nn.ReLU):
-                setattr(module, child_name,
-                        nn.Sequential(nn.ReLU(), ActQuant(qcfg.act_bits, qcfg.learn_scales)))
+                act = ActQuant(qcfg.act_bits, qcfg.learn_scales,
+                               'sigma4' if study else 'symmetric')
+                setattr(module, child_name, nn.Sequential(nn.ReLU(), act))
     # Quantization points that are not after a ReLU: the input, up-sampling, concatenation.
     for module in model.modules():
         for attr in ('q_in', 'q_up', 'q_cat'):
-            if isinstance(getattr(module, attr, None), nn.Identity):
+            if not study and isinstance(getattr(module, attr, None), nn.Identity):
                 setattr(module, attr, ActQuant(qcfg.act_bits, qcfg.learn_scales))
     model.quant_config = qcfg
     return model
@@ -189,6 +242,9 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
 def freeze_for_export(model: nn.Module) -> nn.Module:
     """Turn learned/calibrated scales into Python constants for ONNX export (8 bits only)."""
     for m in model.modules():
+        if (isinstance(m, ActQuant) and m.mode != 'symmetric') or getattr(m, 'unit_range', 0):
+            raise ValueError('ONNX QDQ export needs the symmetric scheme (the study scheme '
+                             'keeps BatchNorm and unsigned ranges; it is for accuracy studies)')
         if isinstance(m, ActQuant):
             if m.bits != 8 and bool(m.calibrated) and m.enabled:
                 raise ValueError(f'ONNX QDQ export needs 8-bit activations, got {m.bits}')
@@ -198,7 +254,38 @@ def freeze_for_export(model: nn.Module) -> nn.Module:
             if m.bits != 8:
                 raise ValueError(f'ONNX QDQ export needs 8-bit weights, got {m.bits}')
             m.frozen_scale = m.weight_scale().float().clone()
+            m.frozen_bias = m.quantized_bias().detach().clone()
     return model
+
+
+def link_bias_quantizers(model: nn.Module, example) -> int:
+    """
+    Link every QConv2d to the ActQuant that produces its input (one traced forward).
+
+    Returns the number of convs linked; convs fed by anything else (e.g. a max-pool) keep a
+    float bias.
+    """
+    import weakref
+    produced = {}
+    hooks = []
+
+    def after_quant(module, inputs, output):
+        produced[id(output)] = module
+
+    def before_conv(module, inputs):
+        quant = produced.get(id(inputs[0]))
+        module.__dict__['_input_quant'] = weakref.ref(quant) if quant is not None else None
+
+    for m in model.modules():
+        if isinstance(m, ActQuant):
+            hooks.append(m.register_forward_hook(after_quant))
+        elif isinstance(m, QConv2d):
+            hooks.append(m.register_forward_pre_hook(before_conv))
+    with torch.no_grad():
+        model(example)
+    for h in hooks:
+        h.remove()
+    return sum(1 for m in model.modules() if isinstance(m, QConv2d) and m.input_quant())
 
 
 def act_quantizers(model: nn.Module):
@@ -212,6 +299,7 @@ def calibrate(model: nn.Module, batches) -> int:
     for q in quants:
         q.calibrating = True
         q.running_max.zero_()
+        q.moments.zero_()
     model.eval()
     n = 0
     for x in batches:
@@ -219,6 +307,8 @@ def calibrate(model: nn.Module, batches) -> int:
         n += 1
     for q in quants:
         q.finish_calibration()
+    if n:
+        link_bias_quantizers(model, x[:1])
     return n
 
 

@@ -56,7 +56,10 @@ class FrameCache:
 
     def __init__(self, root):
         self.root = Path(root)
-        self.index = json.loads((self.root / 'index.json').read_text())
+        index = self.root / 'index.json'
+        # index.json is written last: without it the cache is still being built (usable up to
+        # the frames already rendered, e.g. with --max-train).
+        self.index = json.loads(index.read_text()) if index.exists() else {'complete': False}
         load = lambda name: np.load(self.root / f'{name}.npy', mmap_mode='r')  # noqa: E731
         self.images, self.next = load('images'), load('next')
         self.masks, self.flow, self.valid = load('masks'), load('flow'), load('valid')

@@ -20,7 +20,7 @@ import cv2
 import numpy as np
 
 from .cache import FrameCache
-from .seg import LANE_NORMALIZATION, quant_metadata
+from .seg import inherit_metadata, LANE_NORMALIZATION, quant_metadata
 from ..data import open_flow_dataset
 from ..pipeline.preprocess import prepare
 
@@ -43,8 +43,10 @@ class FlowTrainConfig:
     init: str = ''
     quant_bits: int = 0
     act_bits: int = 0
+    quant_scheme: str = 'ours'   # 'ours' or 'study' (see models.quant)
     calib_batches: int = 16
     max_val: int = 0
+    max_train: int = 0
     threads: int = 2
 
 
@@ -67,7 +69,8 @@ def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
         'metrics': {}, 'weights_sha256': '',
         'architecture': {'type': 'flownets', 'config': dict(cfg.arch),
                          'quant': ({'weight_bits': bits, 'act_bits': cfg.act_bits or bits,
-                                    'per_channel': True, 'learn_scales': True}
+                                    'per_channel': True, 'learn_scales': True,
+                                    'scheme': cfg.quant_scheme}
                                    if bits else None)},
     }
 
@@ -115,6 +118,7 @@ def batches(samples, meta, cfg, rng, train=True):
     import torch
     order = list(range(len(samples)))
     if train:
+        order = order[:cfg.max_train or None]
         rng.shuffle(order)
     ch, cw = cfg.crop
     for start in range(0, len(order), cfg.batch):
@@ -131,6 +135,7 @@ def batches(samples, meta, cfg, rng, train=True):
                 image2 = np.clip(image2 * gain + bias, 0, 255).astype(np.uint8)
             x = stack_frames(np.ascontiguousarray(image1), np.ascontiguousarray(image2), meta)
             f, v = _target(np.ascontiguousarray(flow), np.ascontiguousarray(valid), meta)
+            ch, cw = min(ch, x.shape[1]), min(cw, x.shape[2])
             top = rng.integers(0, x.shape[1] - ch + 1) // 4 * 4
             left = rng.integers(0, x.shape[2] - cw + 1) // 4 * 4
             xs.append(x[:, top:top + ch, left:left + cw])
@@ -199,9 +204,7 @@ def train(cfg: FlowTrainConfig, log=print) -> dict:
     history = []
     if cfg.init:
         model, init_meta = checkpoint.load_model(cfg.init, task='optical_flow')
-        meta['architecture'] = dict(init_meta['architecture'],
-                                    quant=meta['architecture']['quant']
-                                    or init_meta['architecture'].get('quant'))
+        meta = inherit_metadata(meta, init_meta)
         if cfg.quant_bits and not init_meta['architecture'].get('quant'):
             quantize_model(model, QuantConfig(**meta['architecture']['quant']))
             calib = []
@@ -220,14 +223,15 @@ def train(cfg: FlowTrainConfig, log=print) -> dict:
         from tqdm import tqdm
         opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
                                 lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch)
+        n_train = cfg.max_train or len(train_set)
+        steps = cfg.epochs * math.ceil(n_train / cfg.batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
                                                     pct_start=0.15 if not cfg.init else 0.05)
         for epoch in range(1, cfg.epochs + 1):
             model.train()
             total = count = 0.0
             for x, f, v in tqdm(batches(train_set, meta, cfg, rng),
-                                total=math.ceil(len(train_set) / cfg.batch),
+                                total=math.ceil(n_train / cfg.batch),
                                 desc=f'epoch {epoch}/{cfg.epochs}', leave=False,
                                 disable=not sys.stderr.isatty()):
                 loss = flow_loss(model(x), f, v)
@@ -235,7 +239,7 @@ def train(cfg: FlowTrainConfig, log=print) -> dict:
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * x.shape[0]
+                total += loss.item() * x.shape[0]
                 count += x.shape[0]
             metrics = evaluate(model, val_set, meta, cfg)
             metrics['loss'] = round(total / max(count, 1), 4)
@@ -262,7 +266,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--init', default='')
     p.add_argument('--quant-bits', type=int, default=0)
     p.add_argument('--act-bits', type=int, default=0)
+    p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
     p.add_argument('--max-val', type=int, default=0)
+    p.add_argument('--max-train', type=int, default=0)
     p.add_argument('--threads', type=int, default=2)
 
 
@@ -271,5 +277,5 @@ def config_from_args(args) -> FlowTrainConfig:
         data=args.data, val=args.val, out=args.out,
         arch={'width': args.width, 'levels': args.levels}, crop=tuple(args.crop),
         epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
-        quant_bits=args.quant_bits, act_bits=args.act_bits, max_val=args.max_val,
-        threads=args.threads)
+        quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
+        max_val=args.max_val, max_train=args.max_train, threads=args.threads)

@@ -53,8 +53,10 @@ class SegTrainConfig:
     init: str = ''
     quant_bits: int = 0          # 0 float; 2..8 fake-quantized weights and activations
     act_bits: int = 0            # 0: same as quant_bits
+    quant_scheme: str = 'ours'   # 'ours' or 'study' (see models.quant)
     calib_batches: int = 16
     max_val: int = 0             # 0 = all validation frames
+    max_train: int = 0           # 0 = all training frames (else the first N)
     threads: int = 2
 
 
@@ -67,6 +69,25 @@ def quant_metadata(weight_bits: int, act_bits: int) -> dict:
     return {'scheme': scheme,
             'weights': {'bits': weight_bits, 'per_channel': True, 'symmetric': True},
             'activations': {'bits': act_bits, 'symmetric': True, 'per_tensor': True}}
+
+
+def inherit_metadata(meta: dict, init_meta: dict) -> dict:
+    """
+    Build the metadata of a model fine-tuned from ``init_meta``.
+
+    Its tensors, pre-processing and architecture carry over; a float init takes this run's
+    quantization, a quantized init keeps its own bit widths.
+    """
+    out = dict(meta)
+    for key in ('inputs', 'outputs', 'color_order', 'normalization', 'roi', 'threshold'):
+        if key in init_meta:
+            out[key] = init_meta[key]
+    init_q = init_meta['architecture'].get('quant')
+    quant = init_q or meta['architecture'].get('quant')
+    out['architecture'] = dict(init_meta['architecture'], quant=quant)
+    out['quantization'] = quant_metadata(quant['weight_bits'], quant['act_bits']) \
+        if quant else {'scheme': 'float32'}
+    return out
 
 
 def lane_metadata(cfg: SegTrainConfig, name: str) -> dict:
@@ -87,7 +108,8 @@ def lane_metadata(cfg: SegTrainConfig, name: str) -> dict:
         'metrics': {}, 'weights_sha256': '',
         'architecture': {'type': 'unet', 'config': dict(cfg.arch),
                          'quant': ({'weight_bits': bits, 'act_bits': cfg.act_bits or bits,
-                                    'per_channel': True, 'learn_scales': True}
+                                    'per_channel': True, 'learn_scales': True,
+                                    'scheme': cfg.quant_scheme}
                                    if bits else None)},
     }
 
@@ -134,6 +156,7 @@ def batches(samples, meta, cfg, rng, train=True):
     import torch
     order = list(range(len(samples)))
     if train:
+        order = order[:cfg.max_train or None]
         rng.shuffle(order)
     elif cfg.max_val:
         order = order[:cfg.max_val]
@@ -147,6 +170,7 @@ def batches(samples, meta, cfg, rng, train=True):
             x, _ = prepare(image, meta)
             y = _target(mask, meta)
             if train:
+                ch, cw = min(ch, x.shape[1]), min(cw, x.shape[2])
                 top = rng.integers(0, x.shape[1] - ch + 1)
                 left = rng.integers(0, x.shape[2] - cw + 1)
                 x = x[:, top:top + ch, left:left + cw]
@@ -218,9 +242,7 @@ def train(cfg: SegTrainConfig, log=print) -> dict:
     train_set, val_set = LaneSamples(cfg.data), LaneSamples(cfg.val)
     if cfg.init:
         model, init_meta = checkpoint.load_model(cfg.init, task='lane_segmentation')
-        meta['architecture'] = dict(init_meta['architecture'],
-                                    quant=meta['architecture']['quant']
-                                    or init_meta['architecture'].get('quant'))
+        meta = inherit_metadata(meta, init_meta)
         if cfg.quant_bits and not init_meta['architecture'].get('quant'):
             from ..models.quant import quantize_model, QuantConfig
             quantize_model(model, QuantConfig(**meta['architecture']['quant']))
@@ -240,7 +262,7 @@ def train(cfg: SegTrainConfig, log=print) -> dict:
     if cfg.epochs > 0:
         params = [p for p in model.parameters() if p.requires_grad]
         opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = cfg.epochs * math.ceil(len(train_set) / cfg.batch)
+        steps = cfg.epochs * math.ceil((cfg.max_train or len(train_set)) / cfg.batch)
         sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
                                                     pct_start=0.15 if not cfg.init else 0.05)
         from tqdm import tqdm
@@ -248,7 +270,7 @@ def train(cfg: SegTrainConfig, log=print) -> dict:
             model.train()
             total, count = 0.0, 0
             bar = tqdm(batches(train_set, meta, cfg, rng), total=math.ceil(
-                len(train_set) / cfg.batch), desc=f'epoch {epoch}/{cfg.epochs}',
+                (cfg.max_train or len(train_set)) / cfg.batch), desc=f'epoch {epoch}/{cfg.epochs}',
                 unit='batch', leave=False, disable=not sys.stderr.isatty())
             for x, y in bar:
                 loss = seg_loss(model(x), y, cfg.dice_weight)
@@ -256,7 +278,7 @@ def train(cfg: SegTrainConfig, log=print) -> dict:
                 loss.backward()
                 opt.step()
                 sched.step()
-                total += float(loss) * x.shape[0]
+                total += loss.item() * x.shape[0]
                 count += x.shape[0]
             metrics = evaluate(model, val_set, meta, cfg)
             metrics['loss'] = round(total / max(count, 1), 4)
@@ -288,7 +310,9 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--quant-bits', type=int, default=0, help='fake-quantize (2..8); with '
                    '--init: PTQ calibration, then QAT for --epochs')
     p.add_argument('--act-bits', type=int, default=0)
+    p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
     p.add_argument('--max-val', type=int, default=0)
+    p.add_argument('--max-train', type=int, default=0)
     p.add_argument('--threads', type=int, default=2)
 
 
@@ -299,5 +323,6 @@ def config_from_args(args) -> SegTrainConfig:
               'separable': args.separable},
         crop=tuple(args.crop), epochs=args.epochs, batch=args.batch, lr=args.lr,
         dice_weight=args.dice_weight, seed=args.seed, init=args.init,
-        quant_bits=args.quant_bits, act_bits=args.act_bits, max_val=args.max_val,
-        threads=args.threads)
+        quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
+        max_val=args.max_val,
+        max_train=args.max_train, threads=args.threads)

@@ -1,0 +1,315 @@
+"""
+Latency and health statistics of a perception node (pure: no rclpy, no message types).
+
+A node feeds one :class:`LatencyStats` with what happens to its frames: ``received`` when a
+message arrives, ``dropped`` when an unprocessed frame is overwritten by a newer one,
+``rejected`` (with a reason) when a frame cannot be used, ``processed`` with the per-stage
+times and the end-to-end latency (node clock minus header stamp), ``event`` for things worth
+counting that are not errors (a pipeline reset, a resolution change), ``metric`` for live
+accuracy figures (IoU, EPE). All figures are kept over a rolling time window.
+
+:meth:`LatencyStats.status` turns them into a diagnostic level, a one-line message and
+key/value pairs (the fields of a ``diagnostic_msgs/DiagnosticStatus``):
+
+- ERROR when a start-up failure is set (missing model, unusable backend), or no frame has
+  arrived for ``stale_after_s`` (also before the first frame, counted from start-up);
+- WARN while an engine is being built (with the elapsed time), when the window's end-to-end
+  p95 exceeds the latency budget, or when frames were dropped within the window;
+- OK otherwise.
+
+Times passed in are seconds on a monotonic clock (``time.monotonic()`` unless given); the
+caller measures latencies in milliseconds.
+"""
+
+from collections import Counter, deque
+from dataclasses import dataclass
+import enum
+import math
+import time
+
+import numpy as np
+
+STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
+PERCENTILES = (50, 95, 99)
+
+
+class Level(enum.IntEnum):
+    """Diagnostic levels, numerically equal to ``diagnostic_msgs/DiagnosticStatus``."""
+
+    OK = 0
+    WARN = 1
+    ERROR = 2
+
+
+@dataclass(frozen=True)
+class Status:
+    """A diagnostic verdict: level, one-line message and ordered key/value strings."""
+
+    level: Level
+    message: str
+    values: tuple  # ((key, value_str), ...)
+
+    def as_dict(self) -> dict:
+        return dict(self.values)
+
+
+def percentiles(values) -> dict:
+    """Return ``{'p50', 'p95', 'p99', 'max', 'mean'}`` of ``values`` (NaN when empty)."""
+    arr = np.asarray(list(values), np.float64)
+    if arr.size == 0:
+        out = {f'p{q}': math.nan for q in PERCENTILES}
+        out.update(max=math.nan, mean=math.nan)
+        return out
+    qs = np.percentile(arr, PERCENTILES)
+    out = {f'p{q}': float(v) for q, v in zip(PERCENTILES, qs)}
+    out.update(max=float(arr.max()), mean=float(arr.mean()))
+    return out
+
+
+class RollingWindow:
+    """Timestamped samples, kept for ``window_s`` seconds (and at most ``max_samples``)."""
+
+    def __init__(self, window_s: float, max_samples: int = 10000):
+        if window_s <= 0:
+            raise ValueError(f'window_s={window_s} must be > 0')
+        self.window_s = float(window_s)
+        self._samples = deque(maxlen=max_samples)
+
+    def add(self, now: float, value: float = 1.0):
+        self._samples.append((now, float(value)))
+        self.prune(now)
+
+    def prune(self, now: float):
+        horizon = now - self.window_s
+        samples = self._samples
+        while samples and samples[0][0] < horizon:
+            samples.popleft()
+
+    def values(self, now: float) -> list:
+        self.prune(now)
+        return [v for _, v in self._samples]
+
+    def count(self, now: float) -> int:
+        self.prune(now)
+        return len(self._samples)
+
+    def total(self, now: float) -> float:
+        return float(sum(self.values(now)))
+
+    def rate(self, now: float) -> float:
+        """Events per second over the samples in the window (0 with fewer than two)."""
+        self.prune(now)
+        n = len(self._samples)
+        if n < 2:
+            return 0.0
+        span = self._samples[-1][0] - self._samples[0][0]
+        return (n - 1) / span if span > 0 else 0.0
+
+
+def _fmt(value: float, digits: int = 2) -> str:
+    if value is None or (isinstance(value, float) and math.isnan(value)):
+        return 'n/a'
+    return f'{value:.{digits}f}'
+
+
+class LatencyStats:
+    """
+    Rolling per-stage timings, end-to-end latency, rates, drops and rejections of one node.
+
+    Not thread safe by itself: a node calls it from its callbacks and worker under one lock
+    (``lane_seg.ros`` does), or from one thread.
+    """
+
+    def __init__(self, window_s: float = 10.0, latency_budget_ms: float = 50.0,
+                 stale_after_s: float = 2.0, stages=STAGES, clock=time.monotonic,
+                 input_name: str = 'image'):
+        self.clock = clock
+        self.window_s = float(window_s)
+        self.latency_budget_ms = float(latency_budget_ms)
+        self.stale_after_s = float(stale_after_s)
+        self.stages = tuple(stages)
+        self.input_name = input_name
+        self.started_at = clock()
+        self._stage = {name: RollingWindow(window_s) for name in self.stages}
+        self._e2e = RollingWindow(window_s)
+        self._received = RollingWindow(window_s)
+        self._processed = RollingWindow(window_s)
+        self._dropped = RollingWindow(window_s)
+        self._rejected_window = RollingWindow(window_s)
+        self._metrics = {}
+        self.received_total = 0
+        self.processed_total = 0
+        self.dropped_total = 0
+        self.rejected = Counter()
+        self.events = Counter()
+        self.last_received_at = None
+        self.startup_failure = None
+        self.building = None   # (message, started_at)
+        self.info = {}         # static facts shown in diagnostics (model, backend, ...)
+
+    # -- recording -----------------------------------------------------------------------
+    def _now(self, now):
+        return self.clock() if now is None else now
+
+    def received(self, now: float = None):
+        now = self._now(now)
+        self.received_total += 1
+        self.last_received_at = now
+        self._received.add(now)
+
+    def dropped(self, count: int = 1, now: float = None):
+        if count <= 0:
+            return
+        now = self._now(now)
+        self.dropped_total += count
+        self._dropped.add(now, count)
+
+    def rejected_frame(self, reason: str, now: float = None):
+        now = self._now(now)
+        self.rejected[reason] += 1
+        self._rejected_window.add(now)
+
+    def event(self, name: str):
+        self.events[name] += 1
+
+    def processed(self, stage_ms: dict, end_to_end_ms: float = None, now: float = None):
+        """Record one processed frame: ``stage_ms`` maps stage names to milliseconds."""
+        now = self._now(now)
+        self.processed_total += 1
+        self._processed.add(now)
+        for name, value in stage_ms.items():
+            if name not in self._stage:
+                self._stage[name] = RollingWindow(self.window_s)
+            self._stage[name].add(now, value)
+        if end_to_end_ms is not None and math.isfinite(end_to_end_ms):
+            self._e2e.add(now, end_to_end_ms)
+
+    def metric(self, name: str, value: float, now: float = None):
+        """Record a live accuracy figure (e.g. ``iou``, ``epe``); reported as window mean."""
+        now = self._now(now)
+        if name not in self._metrics:
+            self._metrics[name] = RollingWindow(self.window_s)
+        self._metrics[name].add(now, value)
+
+    def set_startup_failure(self, reason):
+        """Set (or with ``None`` clear) a start-up failure; it makes the status ERROR."""
+        self.startup_failure = None if reason is None else str(reason)
+
+    def set_building(self, message, now: float = None):
+        """Mark a long start-up step (engine build) in progress; ``None`` ends it."""
+        if message is None:
+            self.building = None
+        elif self.building is None or self.building[0] != message:
+            self.building = (str(message), self._now(now))
+
+    # -- reading -------------------------------------------------------------------------
+    def stage_percentiles(self, now: float = None) -> dict:
+        now = self._now(now)
+        return {name: percentiles(win.values(now)) for name, win in self._stage.items()}
+
+    def end_to_end(self, now: float = None) -> dict:
+        return percentiles(self._e2e.values(self._now(now)))
+
+    def input_rate(self, now: float = None) -> float:
+        return self._received.rate(self._now(now))
+
+    def output_rate(self, now: float = None) -> float:
+        return self._processed.rate(self._now(now))
+
+    def dropped_in_window(self, now: float = None) -> int:
+        return int(self._dropped.total(self._now(now)))
+
+    def metrics(self, now: float = None) -> dict:
+        now = self._now(now)
+        out = {}
+        for name, win in self._metrics.items():
+            vals = win.values(now)
+            out[name] = float(np.mean(vals)) if vals else math.nan
+        return out
+
+    def summary(self, now: float = None) -> dict:
+        """Every figure as plain JSON-ready numbers (NaN where there is no data yet)."""
+        now = self._now(now)
+        return {
+            'window_s': self.window_s,
+            'latency_budget_ms': self.latency_budget_ms,
+            'received': self.received_total,
+            'processed': self.processed_total,
+            'dropped': self.dropped_total,
+            'dropped_in_window': self.dropped_in_window(now),
+            'rejected': dict(self.rejected),
+            'events': dict(self.events),
+            'input_rate_hz': self.input_rate(now),
+            'output_rate_hz': self.output_rate(now),
+            'end_to_end_ms': self.end_to_end(now),
+            'stages_ms': self.stage_percentiles(now),
+            'metrics': self.metrics(now),
+            'startup_failure': self.startup_failure,
+            'info': dict(self.info),
+        }
+
+    def status(self, now: float = None) -> Status:
+        """Level, message and key/values by the rules in the module docstring."""
+        now = self._now(now)
+        e2e = self.end_to_end(now)
+        dropped = self.dropped_in_window(now)
+        since = now - (self.last_received_at if self.last_received_at is not None
+                       else self.started_at)
+        problems = []
+        level = Level.OK
+        if self.startup_failure is not None:
+            level = Level.ERROR
+            problems.append(f'start-up failed: {self.startup_failure}')
+        if since > self.stale_after_s:
+            level = Level.ERROR
+            what = 'no frame received' if self.last_received_at is None else 'no frame'
+            problems.append(f'{what} on {self.input_name} for {since:.1f} s '
+                            f'(stale after {self.stale_after_s:g} s)')
+        if self.building is not None:
+            level = max(level, Level.WARN)
+            problems.append(f'{self.building[0]} ({now - self.building[1]:.0f} s elapsed)')
+        if not math.isnan(e2e['p95']) and e2e['p95'] > self.latency_budget_ms:
+            level = max(level, Level.WARN)
+            problems.append(f'end-to-end p95 {e2e["p95"]:.1f} ms > budget '
+                            f'{self.latency_budget_ms:g} ms')
+        if dropped:
+            level = max(level, Level.WARN)
+            problems.append(f'{dropped} frames dropped in the last {self.window_s:g} s')
+        if problems:
+            message = '; '.join(problems)
+        elif self.last_received_at is None:
+            message = 'waiting for the first frame'
+        else:
+            message = (f'ok: {self.output_rate(now):.1f} Hz out, end-to-end p95 '
+                       f'{_fmt(e2e["p95"], 1)} ms')
+        return Status(level, message, tuple(self._values(now, e2e, dropped, since)))
+
+    def _values(self, now, e2e, dropped, since):
+        for key, value in self.info.items():
+            yield key, str(value)
+        yield 'input_rate_hz', _fmt(self.input_rate(now))
+        yield 'output_rate_hz', _fmt(self.output_rate(now))
+        yield 'frames_received', str(self.received_total)
+        yield 'frames_processed', str(self.processed_total)
+        yield 'frames_dropped', str(self.dropped_total)
+        yield 'frames_dropped_in_window', str(dropped)
+        yield 'frames_rejected', str(sum(self.rejected.values()))
+        for reason in sorted(self.rejected):
+            yield f'rejected.{reason}', str(self.rejected[reason])
+        for name in sorted(self.events):
+            yield f'events.{name}', str(self.events[name])
+        yield 'seconds_since_last_frame', _fmt(since, 1)
+        yield 'latency_budget_ms', f'{self.latency_budget_ms:g}'
+        yield 'window_s', f'{self.window_s:g}'
+        for q in ('p50', 'p95', 'p99', 'max'):
+            yield f'end_to_end_ms.{q}', _fmt(e2e[q])
+        for name, pct in self.stage_percentiles(now).items():
+            for q in ('p50', 'p95', 'p99', 'max'):
+                yield f'{name}_ms.{q}', _fmt(pct[q])
+        for name, value in sorted(self.metrics(now).items()):
+            yield name, _fmt(value, 4)
+        if self.startup_failure is not None:
+            yield 'startup_failure', self.startup_failure
+        if self.building is not None:
+            yield 'building', self.building[0]
+            yield 'building_elapsed_s', _fmt(now - self.building[1], 1)

@@ -1,0 +1,395 @@
+"""
+What both perception nodes share (``PerceptionNode``), and their portable ``main()``.
+
+Newest-frame slot, worker thread, rejection of bad frames, throttled logs, ground-truth
+matching, diagnostics and portable start-up/shutdown.
+
+The subscription callback does almost nothing: it stores the newest message in a one-slot
+mailbox (an unprocessed message it replaces is counted as dropped) and wakes the worker
+thread, which converts, runs the pure pipeline and publishes. So the executor is never
+blocked by inference, and a slow node always works on the newest frame with a bounded
+latency, whatever executor runs it. The pipeline is loaded by the worker too: topics and
+``/diagnostics`` appear at once, and a load failure becomes an ERROR there (and a log line)
+instead of a crash or a silent node.
+"""
+
+from collections import OrderedDict
+import re
+import threading
+import time
+
+from lane_seg.image_conversion import (image_to_numpy, ImageConversionError,
+                                       SUPPORTED_ENCODINGS)
+from lane_seg.latency import LatencyStats, Level, Status
+import numpy as np
+import rclpy
+from rclpy.executors import ExternalShutdownException
+from rclpy.node import Node
+from sensor_msgs.msg import Image
+
+from .diagnostics import DiagnosticsPublisher
+from .params import NodeParameters
+from .qos import input_qos, output_qos
+
+ACCEPTED_ENCODINGS = ('bgr8', 'rgb8', 'bgra8', 'rgba8', 'mono8')
+
+
+def stamp_ns(header) -> int:
+    return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
+
+
+def describe_error(exc: BaseException) -> str:
+    text = str(exc) or repr(exc)
+    return f'{type(exc).__name__}: {text}'
+
+
+class ThrottledLog:
+    """Log at most one line per ``key`` every ``period_s``, saying how many were held back."""
+
+    def __init__(self, logger, period_s: float = 5.0, clock=time.monotonic):
+        self.logger = logger
+        self.period_s = period_s
+        self.clock = clock
+        self._state = {}   # key -> [last_logged, suppressed]
+        self._lock = threading.Lock()
+
+    def __call__(self, key: str, text: str, level: str = 'warning') -> bool:
+        now = self.clock()
+        with self._lock:
+            state = self._state.get(key)
+            if state is not None and now - state[0] < self.period_s:
+                state[1] += 1
+                return False
+            held = state[1] if state is not None else 0
+            self._state[key] = [now, 0]
+        if held:
+            text += f' ({held} more like this in the last {self.period_s:g} s)'
+        # One call site per severity: rclpy refuses a severity change at one call site.
+        if level == 'info':
+            self.logger.info(text)
+        elif level == 'error':
+            self.logger.error(text)
+        else:
+            self.logger.warning(text)
+        return True
+
+
+class StampMatcher:
+    """
+    Pair predictions with ground truth by header stamp, whichever arrives first.
+
+    Keeps the newest ``capacity`` unmatched items of each kind; ``score(pred, gt)`` turns a
+    pair into a number (or ``None`` to skip it). Thread safe.
+    """
+
+    def __init__(self, score, capacity: int = 30):
+        self.score = score
+        self.capacity = capacity
+        self._pred = OrderedDict()
+        self._gt = OrderedDict()
+        self._lock = threading.Lock()
+
+    def _add(self, mine, other, key, value, pred_first):
+        with self._lock:
+            if key in other:
+                match = other.pop(key)
+            else:
+                mine[key] = value
+                while len(mine) > self.capacity:
+                    mine.popitem(last=False)
+                return None
+        pred, gt = (value, match) if pred_first else (match, value)
+        return self.score(pred, gt)
+
+    def add_prediction(self, key, value):
+        return self._add(self._pred, self._gt, key, value, True)
+
+    def add_ground_truth(self, key, value):
+        return self._add(self._gt, self._pred, key, value, False)
+
+
+class PerceptionNode(Node):
+    """
+    Base of ``lane_seg_node`` and ``flow_node``.
+
+    Subclasses set the class attributes and implement :meth:`load_pipeline` and
+    :meth:`process` (and optionally :meth:`create_outputs`, :meth:`params_changed`).
+    """
+
+    SPECS = ()
+    CONFIG = None
+    TASK = 'pipeline'
+    STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
+
+    def __init__(self, node_name, pipeline_factory=None, **node_kwargs):
+        super().__init__(node_name, **node_kwargs)
+        self._factory = pipeline_factory
+        self._lock = threading.RLock()
+        self._wake = threading.Condition(self._lock)
+        self._slot = None          # (msg, receive seq, receive monotonic time)
+        self._receive_seq = 0
+        self._stop = False
+        self.pipeline = None
+        self.pipeline_info = {}
+        self.throttled = ThrottledLog(self.get_logger())
+        self.params = NodeParameters(self, self.SPECS, self.CONFIG, self._params_changed)
+        cfg = self.params.config
+        self.subscription = self.create_subscription(
+            Image, 'image', self._on_image, input_qos(cfg.qos_reliability))
+        self.stats = LatencyStats(window_s=cfg.window_s,
+                                  latency_budget_ms=cfg.latency_budget_ms,
+                                  stale_after_s=cfg.stale_after_s, stages=self.STAGES,
+                                  input_name=self.subscription.topic_name)
+        self.out_qos = output_qos(cfg.output_qos_reliability)
+        self.create_outputs(cfg)
+        self.diagnostics = DiagnosticsPublisher(self, self.diagnostic_status, task=self.TASK)
+        self._worker = threading.Thread(target=self._run, name=f'{node_name}_worker',
+                                        daemon=True)
+        self._worker.start()
+
+    # -- for subclasses ------------------------------------------------------------------
+    def create_outputs(self, cfg):
+        """Create publishers and optional subscriptions (called once from ``__init__``)."""
+
+    def load_pipeline(self, cfg):
+        """Build and return the pipeline from ``cfg`` (runs in the worker thread)."""
+        raise NotImplementedError
+
+    def process(self, msg, image, seq, conversion_ms):
+        """Run the pipeline on a decoded, accepted frame and publish; return stage times."""
+        raise NotImplementedError
+
+    def params_changed(self, old, new):
+        """React to accepted parameter changes (called in the parameter service thread)."""
+
+    # -- parameters ----------------------------------------------------------------------
+    def _params_changed(self, old, new):
+        with self._lock:
+            self.stats.latency_budget_ms = new.latency_budget_ms
+            self.stats.stale_after_s = new.stale_after_s
+        changed = [n for n in new.names() if getattr(old, n) != getattr(new, n)]
+        self.get_logger().info('parameters changed: ' + ', '.join(
+            f'{n}={getattr(new, n)!r}' for n in changed))
+        self.params_changed(old, new)
+
+    # -- input ---------------------------------------------------------------------------
+    def _on_image(self, msg):
+        now = time.monotonic()
+        with self._lock:
+            self._receive_seq += 1
+            self.stats.received(now)
+            if self.stats.startup_failure is not None:
+                self.stats.rejected_frame('no_pipeline', now)
+                return
+            if self._slot is not None:
+                self.stats.dropped(1, now)
+            self._slot = (msg, self._receive_seq, now)
+            self._wake.notify()
+
+    def reject(self, reason: str, text: str, msg=None):
+        """Count a rejected frame under ``reason`` and log ``text`` (throttled per reason)."""
+        with self._lock:
+            self.stats.rejected_frame(reason)
+            total = self.stats.rejected[reason]
+        where = ''
+        try:
+            where = f' (stamp {msg.header.stamp.sec}.{msg.header.stamp.nanosec:09d})'
+        except (AttributeError, TypeError, ValueError):  # no usable header
+            pass
+        self.throttled(f'reject.{reason}', f'rejected frame{where}: {reason}: {text} '
+                       f'[{total} rejected for {reason} so far]')
+
+    def event(self, name: str, text: str = None, level: str = 'info'):
+        """Count an event such as a reset or a resolution change; log it, throttled per name."""
+        with self._lock:
+            self.stats.event(name)
+        if text:
+            self.throttled(f'event.{name}', text, level)
+
+    def decode(self, msg):
+        """Decode and check an input image; ``None`` (after rejecting it) when unusable."""
+        try:
+            image = image_to_numpy(msg)
+        except ImageConversionError as exc:
+            known = isinstance(msg.encoding, str) and msg.encoding in SUPPORTED_ENCODINGS
+            self.reject('malformed' if known else 'unsupported_encoding', str(exc), msg)
+            return None
+        if msg.encoding not in ACCEPTED_ENCODINGS:
+            if image.dtype.kind == 'f' and not np.isfinite(image).all():
+                bad = int(image.size - np.count_nonzero(np.isfinite(image)))
+                self.reject('non_finite', f'{bad} NaN/inf values in a {msg.encoding} image',
+                            msg)
+            else:
+                self.reject('unsupported_encoding',
+                            f'{msg.encoding} images are not supported; send one of '
+                            + ', '.join(ACCEPTED_ENCODINGS), msg)
+            return None
+        return image
+
+    def end_to_end_ms(self, msg) -> float:
+        return (self.get_clock().now().nanoseconds - stamp_ns(msg.header)) / 1e6
+
+    # -- worker --------------------------------------------------------------------------
+    def _load(self):
+        cfg = self.params.config
+        with self._lock:
+            self.stats.set_building(f'loading the {self.TASK} model')
+        t0 = time.monotonic()
+        try:
+            pipeline = self.load_pipeline(cfg)
+        except Exception as exc:  # any start-up failure goes to /diagnostics, not a crash
+            reason = describe_error(exc)
+            with self._lock:
+                self.stats.set_building(None)
+                self.stats.set_startup_failure(reason)
+            self.get_logger().error(
+                f'cannot load the {self.TASK} pipeline: {reason}. The node stays up and '
+                f'reports ERROR on /diagnostics; fix the parameters and restart it.')
+            return None
+        info = self._describe(pipeline)
+        with self._lock:
+            self.stats.set_building(None)
+            self.stats.set_startup_failure(None)
+            self.pipeline = pipeline
+        self.get_logger().info(
+            f'{self.TASK}: model {info.get("model", "?")}, backend '
+            f'{info.get("backend", "?")}, precision {info.get("precision", "?")}, input '
+            f'{info.get("input_size", "?")} (loaded in {time.monotonic() - t0:.2f} s); '
+            f'listening on {self.subscription.topic_name}')
+        return pipeline
+
+    def _describe(self, pipeline) -> dict:
+        try:
+            info = dict(pipeline.describe())
+        except Exception as exc:
+            info = {'describe_error': describe_error(exc)}
+        # 'building': e.g. 'tensorrt int8, 12 s elapsed, serving on onnxruntime'; the
+        # elapsed time is kept by the statistics (from the first report), not the text.
+        building = info.pop('building', None)
+        if building:
+            building = 'building engine: ' + re.sub(r',?\s*\d+ s elapsed', '', str(building))
+        keys = ('model', 'backend', 'precision', 'input_size')
+        shown = {k: info[k] for k in keys if k in info}
+        shown.update({k: v for k, v in info.items() if k not in shown})
+        with self._lock:
+            old_backend = self.pipeline_info.get('backend')
+            self.pipeline_info = shown
+            self.stats.info = {k: str(v) for k, v in shown.items() if v is not None}
+            self.stats.set_building(building)
+        if old_backend is not None and shown.get('backend') != old_backend:
+            self.get_logger().info(f'{self.TASK}: backend switched from {old_backend} to '
+                                   f'{shown.get("backend")}')
+        return shown
+
+    def _take(self):
+        with self._lock:
+            while self._slot is None and not self._stop:
+                self._wake.wait(timeout=0.2)
+            if self._stop:
+                return None
+            item, self._slot = self._slot, None
+            return item
+
+    def _run(self):
+        self._load()
+        while True:
+            item = self._take()
+            if item is None:
+                return
+            msg, seq, _ = item
+            if self.pipeline is None:
+                with self._lock:
+                    self.stats.rejected_frame('no_pipeline')
+                continue
+            try:
+                self._handle(msg, seq)
+            except Exception as exc:  # a bug or engine failure on one frame: keep serving
+                try:
+                    self.reject('pipeline_error', describe_error(exc), msg)
+                except Exception:  # never let the worker die
+                    pass
+
+    def _handle(self, msg, seq):
+        t0 = time.perf_counter()
+        image = self.decode(msg)
+        if image is None:
+            return
+        conversion_ms = (time.perf_counter() - t0) * 1e3
+        stages = self.process(msg, image, seq, conversion_ms)
+        if stages is None:
+            return
+        e2e = self.end_to_end_ms(msg)
+        with self._lock:
+            self.stats.processed(stages, e2e)
+
+    def rebuild_pipeline(self):
+        """Replace the pipeline with one built from the current parameters (worker thread)."""
+        cfg = self.params.config
+        try:
+            pipeline = self.load_pipeline(cfg)
+        except Exception as exc:
+            self.get_logger().error(f'{self.TASK}: keeping the old pipeline, the new '
+                                    f'parameters do not load: {describe_error(exc)}')
+            return
+        old, self.pipeline = self.pipeline, pipeline
+        self._describe(pipeline)
+        if old is not None:
+            old.close()
+
+    # -- diagnostics ---------------------------------------------------------------------
+    def diagnostic_status(self) -> Status:
+        if self.pipeline is not None:
+            self._describe(self.pipeline)
+        with self._lock:
+            return self.stats.status()
+
+    def summary(self) -> dict:
+        with self._lock:
+            return self.stats.summary()
+
+    # -- shutdown ------------------------------------------------------------------------
+    def close(self, timeout_s: float = 5.0):
+        """Stop the worker and close the pipeline (idempotent; safe on a half-built node)."""
+        worker = getattr(self, '_worker', None)
+        if worker is None:
+            return
+        with self._lock:
+            self._stop = True
+            self._wake.notify_all()
+        if worker.is_alive() and worker is not threading.current_thread():
+            worker.join(timeout_s)
+        pipeline, self.pipeline = self.pipeline, None
+        if pipeline is not None:
+            try:
+                pipeline.close()
+            except Exception as exc:
+                self.get_logger().warning(f'closing the pipeline: {describe_error(exc)}')
+
+    def destroy_node(self):
+        self.close()
+        return super().destroy_node()
+
+
+def level_name(level) -> str:
+    return Level(level).name
+
+
+def spin_node(node_cls, args=None) -> int:
+    """Run a node as ``main()`` does: init, spin, portable shutdown (Humble to Kilted)."""
+    rclpy.init(args=args)
+    node = None
+    code = 0
+    try:
+        node = node_cls()
+        rclpy.spin(node)
+    except (KeyboardInterrupt, ExternalShutdownException):
+        pass
+    except Exception as exc:  # bad parameter file values and the like: say it, exit 2
+        name = getattr(node_cls, 'NODE_NAME', node_cls.__name__)
+        rclpy.logging.get_logger(name).fatal(f'{name} cannot start: {describe_error(exc)}')
+        code = 2
+    finally:
+        if node is not None:
+            node.destroy_node()
+        rclpy.try_shutdown()
+    return code

@@ -1,0 +1,73 @@
+"""
+Replay a recorded bag through both perception nodes.
+
+``ros2 launch lane_seg replay.launch.py bag:=PATH``.
+
+``ros2 bag play --clock`` publishes the bag's time on ``/clock`` and the nodes run with
+``use_sim_time``, so end-to-end latency (node clock minus header stamp) stays right at any
+``rate``. Arguments: ``bag`` (required), ``rate``, ``loop``, ``camera_topic``,
+``camera_info_topic``, ``backend``, ``lane_model``, ``flow_model``, ``rviz``. Parameters come
+from ``config/lane_seg.yaml`` and ``config/flow.yaml``.
+"""
+
+import os
+
+from ament_index_python.packages import get_package_share_directory
+from launch import LaunchDescription
+from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
+from launch.conditions import IfCondition
+from launch.substitutions import LaunchConfiguration
+from launch_ros.actions import Node
+from launch_ros.parameter_descriptions import ParameterValue
+
+
+def _bag_play(context):
+    """``ros2 bag play BAG --clock --rate RATE [--loop]``."""
+    cmd = ['ros2', 'bag', 'play', LaunchConfiguration('bag').perform(context), '--clock',
+           '--rate', LaunchConfiguration('rate').perform(context)]
+    if LaunchConfiguration('loop').perform(context).lower() in ('true', '1'):
+        cmd.append('--loop')
+    return [ExecuteProcess(cmd=cmd, name='bag_play', output='screen')]
+
+
+def generate_launch_description():
+    share = get_package_share_directory('lane_seg')
+    lane_params = os.path.join(share, 'config', 'lane_seg.yaml')
+    flow_params = os.path.join(share, 'config', 'flow.yaml')
+    rviz_config = os.path.join(share, 'config', 'lane_seg.rviz')
+    backend = ParameterValue(LaunchConfiguration('backend'), value_type=str)
+    lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
+    flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
+    return LaunchDescription([
+        DeclareLaunchArgument('bag', description='bag to replay (folder or .mcap/.db3)'),
+        DeclareLaunchArgument('rate', default_value='1.0', description='playback rate'),
+        DeclareLaunchArgument('loop', default_value='false', description='replay forever'),
+        DeclareLaunchArgument('camera_topic', default_value='/carla/ego_vehicle/rgb_front/image',
+                              description='camera image topic in the bag'),
+        DeclareLaunchArgument('camera_info_topic',
+                              default_value='/carla/ego_vehicle/rgb_front/camera_info',
+                              description='camera info topic in the bag'),
+        DeclareLaunchArgument('backend', default_value='auto',
+                              description='auto, onnxruntime, tensorrt or torch'),
+        DeclareLaunchArgument('lane_model', default_value='',
+                              description='lane model path; empty: the shipped int8 model'),
+        DeclareLaunchArgument('flow_model', default_value='',
+                              description='flow model path; empty: the shipped int8 model'),
+        DeclareLaunchArgument('rviz', default_value='false',
+                              description='start RViz with config/lane_seg.rviz'),
+        Node(package='lane_seg', executable='lane_seg_node', name='lane_seg_node',
+             parameters=[lane_params, {'backend': backend, 'model_path': lane_model,
+                                       'use_sim_time': True}],
+             remappings=[('image', LaunchConfiguration('camera_topic')),
+                         ('camera_info', LaunchConfiguration('camera_info_topic'))],
+             output='screen'),
+        Node(package='lane_seg', executable='flow_node', name='flow_node',
+             parameters=[flow_params, {'backend': backend, 'model_path': flow_model,
+                                       'use_sim_time': True}],
+             remappings=[('image', LaunchConfiguration('camera_topic'))],
+             output='screen'),
+        OpaqueFunction(function=_bag_play),
+        Node(package='rviz2', executable='rviz2', name='rviz2',
+             arguments=['-d', rviz_config], parameters=[{'use_sim_time': True}],
+             condition=IfCondition(LaunchConfiguration('rviz'))),
+    ])

@@ -1,0 +1,396 @@
+"""
+ONNX export: embedded metadata, TensorRT's Q/DQ rules, the ONNX Runtime int8 form, and parity.
+
+One tiny lane U-Net (briefly fitted to the synthetic drive so that its logits are confident) and
+one tiny FlowNetS are exported once per module as fp32, int8 QDQ and int8 ORT files.
+"""
+
+import copy
+import json
+from types import SimpleNamespace
+
+from lane_seg.models.export import check_tensorrt_qdq, export_onnx, to_ort_int8
+from lane_seg.models.flownet import FlowNetConfig, FlowNetS
+from lane_seg.models.metadata import (MetadataError, read_model_metadata, REQUIRED,
+                                      sidecar_path, validate, weights_sha256)
+from lane_seg.models.quant import ActQuant, calibrate, freeze_for_export, quantize_model
+from lane_seg.models.quant import QuantConfig
+from lane_seg.models.unet import UNet, UNetConfig
+from lane_seg.train import seg
+from lane_seg.train.cache import build_cache
+from lane_seg.train.flow import flow_metadata, FlowSamples, FlowTrainConfig, stack_frames
+import numpy as np
+import onnx
+from onnx import helper, numpy_helper
+import onnxruntime as ort
+import pytest
+import torch
+
+TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
+FLOW = {'width': 0.0625, 'levels': 3}
+
+
+@pytest.fixture(autouse=True)
+def one_thread():
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    yield
+    torch.set_num_threads(threads)
+
+
+def session(path, optimize=True):
+    options = ort.SessionOptions()
+    options.intra_op_num_threads = 1
+    options.inter_op_num_threads = 1
+    options.log_severity_level = 3
+    if not optimize:
+        options.graph_optimization_level = ort.GraphOptimizationLevel.ORT_DISABLE_ALL
+    return ort.InferenceSession(str(path), options, providers=['CPUExecutionProvider'])
+
+
+def run_onnx(path, x, optimize=True):
+    """Run a batch-1 model on every sample of ``x`` (N, C, H, W); returns (N, ...) numpy."""
+    sess = session(path, optimize)
+    name = sess.get_inputs()[0].name
+    return np.concatenate([sess.run(None, {name: x[i:i + 1].numpy()})[0]
+                           for i in range(x.shape[0])])
+
+
+@pytest.fixture(scope='module')
+def exported(tmp_path_factory):
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)
+    root = tmp_path_factory.mktemp('export')
+    cache = build_cache(root / 'cache', seeds=[1, 2], frames=2, height=96, width=128,
+                        progress=False)
+    cfg = seg.SegTrainConfig(data=f'cache:{cache}', val=f'cache:{cache}', input_size=(64, 128),
+                             arch=dict(TINY), quant_bits=8, batch=4)
+    q_meta = seg.lane_metadata(cfg, 'lane_int8')
+    f_meta = dict(copy.deepcopy(q_meta), name='lane_fp32', quantization={'scheme': 'float32'})
+    f_meta['architecture']['quant'] = None
+    x, y = next(seg.batches(seg.LaneSamples(cfg.data), q_meta, cfg, None, train=False))
+    torch.manual_seed(0)
+    model = UNet(UNetConfig(**TINY))
+    opt = torch.optim.Adam(model.parameters(), lr=0.02)
+    model.train()
+    for _ in range(60):
+        opt.zero_grad()
+        seg.seg_loss(model(x), y).backward()
+        opt.step()
+    model.eval()
+    ns = SimpleNamespace(root=root, x=x, y=y, float_model=model, q_meta=q_meta)
+    ns.fp32 = root / 'lane_fp32.onnx'
+    ns.fp32_meta = export_onnx(model, f_meta, ns.fp32)
+    ns.q_model = quantize_model(copy.deepcopy(model), QuantConfig())
+    calibrate(ns.q_model, [x])
+    ns.qdq = root / 'lane_int8_qdq.onnx'
+    ns.qdq_meta = export_onnx(freeze_for_export(ns.q_model), q_meta, ns.qdq)
+    ns.ort = root / 'lane_int8_ort.onnx'
+    ns.ort_meta = to_ort_int8(ns.qdq, ns.ort)
+
+    fcfg = FlowTrainConfig(input_size=(64, 128), arch=dict(FLOW), quant_bits=8)
+    fl_meta = flow_metadata(fcfg, 'flow_int8')
+    pairs = FlowSamples(f'cache:{cache}')
+    ns.flow_x = torch.from_numpy(np.stack([stack_frames(pairs[i][0], pairs[i][1], fl_meta)
+                                           for i in range(len(pairs))]))
+    torch.manual_seed(0)
+    ns.flow_q = quantize_model(FlowNetS(FlowNetConfig(**FLOW)).eval(), QuantConfig())
+    calibrate(ns.flow_q, [ns.flow_x])
+    ns.flow_qdq = root / 'flow_int8_qdq.onnx'
+    export_onnx(freeze_for_export(ns.flow_q), fl_meta, ns.flow_qdq)
+    ns.flow_ort = root / 'flow_int8_ort.onnx'
+    to_ort_int8(ns.flow_qdq, ns.flow_ort)
+    yield ns
+    torch.set_num_threads(threads)
+
+
+# ---------------------------------------------------------------- metadata
+
+
+def test_export_embeds_metadata(exported):
+    for path, returned in ((exported.fp32, exported.fp32_meta), (exported.qdq, exported.qdq_meta),
+                           (exported.ort, exported.ort_meta)):
+        meta = read_model_metadata(path)
+        assert meta == returned
+        assert json.loads(sidecar_path(path).read_text()) == meta
+        model = onnx.load(str(path))
+        blobs = [numpy_helper.to_array(t).tobytes() for t in model.graph.initializer]
+        assert meta['weights_sha256'] == weights_sha256(blobs)
+        assert len(meta['weights_sha256']) == 64
+        assert [i.name for i in model.graph.input] == ['image']
+        assert [o.name for o in model.graph.output] == ['logits']
+    assert exported.qdq_meta['quantization']['scheme'] == 'qdq-int8-symmetric'
+    assert exported.ort_meta['quantization']['ort_activation_type'] == 'uint8'
+    assert exported.fp32_meta['quantization'] == {'scheme': 'float32'}
+    assert len({exported.fp32_meta['weights_sha256'], exported.qdq_meta['weights_sha256'],
+                exported.ort_meta['weights_sha256']}) == 3
+
+
+def test_stripped_model_names_missing_keys(exported, tmp_path):
+    model = onnx.load(str(exported.qdq))
+    del model.metadata_props[:]
+    path = tmp_path / 'stripped.onnx'
+    onnx.save(model, str(path))
+    with pytest.raises(MetadataError, match='missing keys') as info:
+        read_model_metadata(path)
+    assert str(path) in str(info.value)
+    for key in REQUIRED:
+        assert key in str(info.value)
+
+
+def test_sidecar_is_the_fallback(exported, tmp_path):
+    model = onnx.load(str(exported.qdq))
+    del model.metadata_props[:]
+    path = tmp_path / 'plain.onnx'
+    onnx.save(model, str(path))
+    sidecar_path(path).write_text(sidecar_path(exported.qdq).read_text())
+    assert read_model_metadata(path) == exported.qdq_meta
+
+
+def test_incomplete_metadata_lists_every_missing_key(exported):
+    meta = {k: v for k, v in exported.qdq_meta.items() if k not in ('metrics', 'training')}
+    with pytest.raises(MetadataError) as info:
+        validate(meta, 'model.onnx')
+    assert "missing key 'metrics'" in info.value.problems
+    assert "missing key 'training'" in info.value.problems
+    assert str(info.value).startswith('model.onnx:')
+
+
+@pytest.mark.parametrize('edit, message', [
+    (lambda m: m['inputs'][0].update(shape=[1, 4, 64, 128]), 'must have 3 channels'),
+    (lambda m: m['inputs'][0].update(shape=[1, 3, 64]), 'not 4 positive ints'),
+    (lambda m: m.update(roi={'top': 0.6, 'bottom': 0.4, 'left': 0.0, 'right': 1.0}), 'roi'),
+    (lambda m: m.update(roi={'top': 0.0, 'bottom': 1.2, 'left': 0.0, 'right': 1.0}), 'roi'),
+    (lambda m: m.update(threshold=1.5), 'threshold'),
+    (lambda m: m['outputs'][0].update(kind='flow'), 'output kind'),
+    (lambda m: m.update(task='depth'), 'task'),
+    (lambda m: m.update(quantization={'bits': 8}), 'scheme'),
+])
+def test_bad_lane_metadata_is_rejected(exported, edit, message):
+    meta = copy.deepcopy(exported.qdq_meta)
+    edit(meta)
+    with pytest.raises(MetadataError, match=message):
+        validate(meta)
+
+
+def test_bad_flow_metadata_is_rejected(exported):
+    meta = read_model_metadata(exported.flow_qdq)
+    bad = copy.deepcopy(meta)
+    bad['inputs'][0]['shape'] = [1, 3, 64, 128]
+    with pytest.raises(MetadataError, match='must have 6 channels'):
+        validate(bad)
+    bad = copy.deepcopy(meta)
+    del bad['outputs'][0]['flow_scale']
+    with pytest.raises(MetadataError, match='flow_scale'):
+        validate(bad)
+
+
+def test_export_refuses_invalid_metadata(exported, tmp_path):
+    meta = copy.deepcopy(exported.fp32_meta)
+    meta['roi'] = {'top': 0.5, 'bottom': 0.5, 'left': 0.0, 'right': 1.0}
+    path = tmp_path / 'bad.onnx'
+    with pytest.raises(MetadataError, match='roi'):
+        export_onnx(exported.float_model, meta, path)
+    assert not sidecar_path(path).exists()
+    with pytest.raises(MetadataError):
+        read_model_metadata(path)
+
+
+# ---------------------------------------------------------------- TensorRT rules
+
+
+def test_tensorrt_rules_pass_on_the_qdq_models(exported):
+    assert check_tensorrt_qdq(exported.qdq) == []
+    assert check_tensorrt_qdq(exported.flow_qdq) == []
+    model = onnx.load(str(exported.qdq))
+    ops = {n.op_type for n in model.graph.node}
+    assert {'QuantizeLinear', 'DequantizeLinear', 'Conv'} <= ops
+    assert 'BatchNormalization' not in ops
+
+
+def test_tensorrt_rules_fail_on_a_float_model(exported):
+    problems = check_tensorrt_qdq(exported.fp32)
+    assert problems == ['no QuantizeLinear/DequantizeLinear: not an explicitly quantized model']
+
+
+def test_tensorrt_rules_fail_on_uint8_zero_points(exported):
+    problems = check_tensorrt_qdq(exported.ort)
+    assert problems and all('zero point type uint8 is not int8' in p for p in problems)
+
+
+def edited(src, dst, edit):
+    model = onnx.load(str(src))
+    edit(model)
+    onnx.save(model, str(dst))
+    return dst
+
+
+def first_activation_quantize(model):
+    consts = {t.name for t in model.graph.initializer}
+    consts |= {n.output[0] for n in model.graph.node if n.op_type == 'Constant'}
+    return next(n for n in model.graph.node
+                if n.op_type == 'QuantizeLinear' and n.input[0] not in consts)
+
+
+def nonzero_zero_point(model):
+    model.graph.initializer.append(numpy_helper.from_array(np.array(3, np.int8), 'zp3'))
+    node = first_activation_quantize(model)
+    node.input[2] = 'zp3'
+
+
+def negative_scale(model):
+    model.graph.initializer.append(numpy_helper.from_array(np.array(-0.1, np.float32), 'neg'))
+    first_activation_quantize(model).input[1] = 'neg'
+
+
+def no_zero_point(model):
+    node = first_activation_quantize(model)
+    del node.input[2]
+
+
+def unsupported_op(model):
+    out = model.graph.output[0].name
+    model.graph.node.append(helper.make_node('Unique', [out], ['unique_values'],
+                                             name='odd_unique'))
+
+
+def old_opset(model):
+    model.opset_import[0].version = 11
+
+
+def per_channel_axis_1(model):
+    for node in model.graph.node:
+        if node.op_type == 'DequantizeLinear':
+            for attr in node.attribute:
+                if attr.name == 'axis':
+                    attr.i = 1
+                    return
+
+
+@pytest.mark.parametrize('edit, message', [
+    (nonzero_zero_point, 'zero point 3 is not 0 (asymmetric)'),
+    (negative_scale, 'scale missing, non-finite or not positive'),
+    (no_zero_point, 'no zero point'),
+    (unsupported_op, 'odd_unique: op Unique not supported'),
+    (old_opset, 'opset 11 < 13'),
+    (per_channel_axis_1, 'per-channel scale on axis 1'),
+])
+def test_tensorrt_rules_catch_broken_graphs(exported, tmp_path, edit, message):
+    path = edited(exported.qdq, tmp_path / 'edited.onnx', edit)
+    problems = check_tensorrt_qdq(path)
+    assert any(message in p for p in problems), problems
+
+
+def test_zero_point_message_names_the_node(exported, tmp_path):
+    path = edited(exported.qdq, tmp_path / 'edited.onnx', nonzero_zero_point)
+    name = first_activation_quantize(onnx.load(str(path))).name
+    assert check_tensorrt_qdq(path) == [f'{name}: zero point 3 is not 0 (asymmetric)']
+
+
+# ---------------------------------------------------------------- ONNX Runtime int8 form
+
+
+def zero_points(path):
+    model = onnx.load(str(path))
+    inits = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer}
+    consts = {n.output[0]: numpy_helper.to_array(n.attribute[0].t)
+              for n in model.graph.node if n.op_type == 'Constant'}
+    weights = set(inits) | set(consts)
+    acts, wts = [], []
+    for n in model.graph.node:
+        if n.op_type == 'QuantizeLinear':
+            zp = inits.get(n.input[2], consts.get(n.input[2]))
+            (wts if n.input[0] in weights else acts).append(zp)
+    return acts, wts
+
+
+def test_ort_form_keeps_int8_weights_and_uses_uint8_activations(exported):
+    acts, wts = zero_points(exported.ort)
+    assert wts and all(z.dtype == np.int8 and not z.any() for z in wts)
+    assert acts and all(z.dtype == np.uint8 and int(z) in (0, 128) for z in acts)
+
+
+def test_ort_form_uses_zero_point_0_for_all_non_negative_tensors(exported):
+    acts, _ = zero_points(exported.ort)
+    # Only the normalized input is signed; every other activation follows a ReLU.
+    assert [int(z) for z in acts].count(128) == 1
+
+
+def test_ort_form_matches_the_qdq_model(exported):
+    a = run_onnx(exported.qdq, exported.x)
+    b = run_onnx(exported.ort, exported.x)
+    np.testing.assert_allclose(b, a, atol=1e-5)
+
+
+def test_ort_form_refuses_a_float_model(exported, tmp_path):
+    with pytest.raises(ValueError, match='no activation QuantizeLinear'):
+        to_ort_int8(exported.fp32, tmp_path / 'x.onnx')
+
+
+def test_float_export_matches_torch(exported):
+    with torch.no_grad():
+        ref = exported.float_model(exported.x).numpy()
+    np.testing.assert_allclose(run_onnx(exported.fp32, exported.x), ref, atol=1e-4, rtol=1e-4)
+
+
+# ---------------------------------------------------------------- parity
+
+
+def output_step(act: ActQuant, head) -> float:
+    """
+    One quantization step of the output, in output units.
+
+    The head is a float-output QConv2d fed by ``act``: moving one of its integer inputs by one
+    step moves the output by scale(act) x |w_q|; the largest quantized weight bounds that.
+    """
+    assert isinstance(act, ActQuant)
+    w = head.quantized_weight().detach().abs().max()
+    return float(act.scale.detach().abs()) * float(w)
+
+
+def lane_parity(exported, path, optimize):
+    q = exported.q_model
+    with torch.no_grad():
+        ref = q(exported.x).numpy()
+    out = run_onnx(path, exported.x, optimize)
+    diff = np.abs(out - ref)
+    step = output_step(q.up_half.block[2][1], q.head)
+    a, b = out > 0, ref > 0     # threshold 0.5 = logit 0
+    return diff / step, (a & b).sum() / max((a | b).sum(), 1), b.mean()
+
+
+@pytest.mark.parametrize('which', ['qdq', 'ort'])
+def test_parity_with_onnx_reference_semantics(exported, which):
+    # ORT without graph optimizations executes the QDQ graph as written: it must agree with
+    # the torch fake-quant model to float rounding (well inside one output step everywhere).
+    steps, iou, lane_fraction = lane_parity(exported, getattr(exported, which), False)
+    assert 0.05 < lane_fraction < 0.5            # a real lane mask, not all-on or all-off
+    assert np.mean(steps <= 1.0) >= 0.99
+    assert steps.max() <= 1.0
+    assert iou >= 0.99
+
+
+@pytest.mark.parametrize('which', ['qdq', 'ort'])
+def test_deployed_masks_agree(exported, which):
+    # The default (optimized) sessions the engines use.
+    _, iou, _ = lane_parity(exported, getattr(exported, which), True)
+    assert iou >= 0.99
+
+
+@pytest.mark.parametrize('which', ['qdq', 'ort'])
+def test_deployed_logits_within_one_step(exported, which):
+    steps, _, _ = lane_parity(exported, getattr(exported, which), True)
+    assert np.mean(steps <= 1.0) >= 0.99
+
+
+@pytest.mark.parametrize('which', ['flow_qdq', 'flow_ort'])
+def test_flow_parity(exported, which):
+    q = exported.flow_q
+    with torch.no_grad():
+        ref = q(exported.flow_x).numpy()
+    step = output_step(q.ups[-1].conv[2][1], q.head)
+    for optimize in (False, True):
+        out = run_onnx(getattr(exported, which), exported.flow_x, optimize)
+        assert out.shape == ref.shape == (4, 2, 16, 32)
+        steps = np.abs(out - ref) / step
+        assert np.mean(steps <= 1.0) >= 0.99

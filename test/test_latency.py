@@ -1,0 +1,183 @@
+"""Pure tests of lane_seg.latency: rolling statistics and the diagnostic rules of issue 6."""
+
+import math
+import subprocess
+import sys
+
+from lane_seg.latency import LatencyStats, Level, percentiles, RollingWindow, STAGES
+import numpy as np
+import pytest
+
+
+class FakeClock:
+
+    def __init__(self, t=1000.0):
+        self.t = t
+
+    def __call__(self):
+        return self.t
+
+
+def make(**kwargs):
+    clock = FakeClock()
+    kwargs.setdefault('window_s', 10.0)
+    kwargs.setdefault('latency_budget_ms', 50.0)
+    kwargs.setdefault('stale_after_s', 2.0)
+    return LatencyStats(clock=clock, **kwargs), clock
+
+
+def feed(stats, clock, count, period_s=0.05, e2e_ms=10.0, stage_ms=1.0):
+    for _ in range(count):
+        clock.t += period_s
+        stats.received()
+        stats.processed({name: stage_ms for name in STAGES}, e2e_ms)
+
+
+def test_module_is_pure():
+    code = ('import sys, lane_seg.latency; '
+            'sys.exit(any(m in sys.modules for m in ("rclpy", "torch")))')
+    assert subprocess.run([sys.executable, '-c', code]).returncode == 0
+
+
+def test_percentiles_match_numpy_and_empty_is_nan():
+    values = np.random.default_rng(0).exponential(10.0, 1000)
+    pct = percentiles(values)
+    for q in (50, 95, 99):
+        assert pct[f'p{q}'] == pytest.approx(np.percentile(values, q))
+    assert pct['max'] == values.max()
+    assert all(math.isnan(v) for v in percentiles([]).values())
+
+
+def test_rolling_window_forgets_old_samples_and_measures_rate():
+    win = RollingWindow(2.0)
+    for i in range(40):
+        win.add(i * 0.25, i)
+    # At t = 9.75 the samples from t = 7.75 on (i = 31 .. 39) remain: 4 per second.
+    assert win.values(9.75) == list(range(31, 40))
+    assert win.rate(9.75) == pytest.approx(4.0)
+    assert win.count(12.0) == 0 and win.rate(12.0) == 0.0
+    with pytest.raises(ValueError):
+        RollingWindow(0)
+
+
+def test_ok_status_with_every_field():
+    stats, clock = make()
+    stats.info = {'model': 'lane_unet_int8', 'backend': 'onnxruntime', 'precision': 'int8'}
+    feed(stats, clock, 100, e2e_ms=12.0, stage_ms=2.0)
+    status = stats.status()
+    assert status.level == Level.OK
+    assert status.message.startswith('ok: 20.0 Hz out')
+    values = status.as_dict()
+    for key in ['model', 'backend', 'precision', 'input_rate_hz', 'output_rate_hz',
+                'frames_received', 'frames_processed', 'frames_dropped', 'frames_rejected',
+                'end_to_end_ms.p50', 'end_to_end_ms.p95', 'end_to_end_ms.p99',
+                'end_to_end_ms.max', 'latency_budget_ms', 'seconds_since_last_frame']:
+        assert key in values, key
+    for stage in STAGES:
+        for q in ('p50', 'p95', 'p99', 'max'):
+            assert values[f'{stage}_ms.{q}'] == '2.00'
+    assert values['input_rate_hz'] == '20.00' and values['end_to_end_ms.p95'] == '12.00'
+    assert values['frames_processed'] == '100' and values['frames_dropped'] == '0'
+
+
+def test_warn_when_p95_exceeds_budget_then_recovers_after_the_window():
+    stats, clock = make(latency_budget_ms=50.0)
+    feed(stats, clock, 90, e2e_ms=20.0)
+    feed(stats, clock, 10, e2e_ms=80.0)       # 10 % slow frames: p95 is slow
+    status = stats.status()
+    assert status.level == Level.WARN
+    assert 'end-to-end p95 80.0 ms > budget 50 ms' in status.message
+    feed(stats, clock, 400, e2e_ms=20.0)      # 20 s of fast frames: out of the window
+    assert stats.status().level == Level.OK
+
+
+def test_warn_on_drops_within_the_window_only():
+    stats, clock = make()
+    feed(stats, clock, 10)
+    stats.dropped(3)
+    status = stats.status()
+    assert status.level == Level.WARN
+    assert '3 frames dropped in the last 10 s' in status.message
+    assert status.as_dict()['frames_dropped_in_window'] == '3'
+    feed(stats, clock, 250)                   # 12.5 s later
+    status = stats.status()
+    assert status.level == Level.OK
+    assert status.as_dict()['frames_dropped'] == '3'
+    assert status.as_dict()['frames_dropped_in_window'] == '0'
+
+
+def test_error_when_no_frame_for_stale_after_s():
+    stats, clock = make(stale_after_s=2.0)
+    assert stats.status().level == Level.OK
+    assert stats.status().message == 'waiting for the first frame'
+    clock.t += 2.5
+    status = stats.status()
+    assert status.level == Level.ERROR
+    assert 'no frame received on image for 2.5 s' in status.message
+    feed(stats, clock, 5)
+    assert stats.status().level == Level.OK
+    clock.t += 3.0
+    status = stats.status()
+    assert status.level == Level.ERROR and 'no frame on image for 3.0 s' in status.message
+
+
+def test_error_on_startup_failure_even_while_frames_arrive():
+    stats, clock = make()
+    stats.set_startup_failure('EngineError: /models/x.onnx not found')
+    feed(stats, clock, 5)
+    status = stats.status()
+    assert status.level == Level.ERROR
+    assert status.message.startswith('start-up failed: EngineError: /models/x.onnx')
+    assert status.as_dict()['startup_failure'] == 'EngineError: /models/x.onnx not found'
+    stats.set_startup_failure(None)
+    assert stats.status().level == Level.OK
+
+
+def test_building_engine_warns_with_elapsed_time():
+    stats, clock = make(stale_after_s=600.0)
+    stats.set_building('building engine: tensorrt int8')
+    clock.t += 42.0
+    status = stats.status()
+    assert status.level == Level.WARN
+    assert status.message == 'building engine: tensorrt int8 (42 s elapsed)'
+    assert status.as_dict()['building_elapsed_s'] == '42.0'
+    stats.set_building('building engine: tensorrt int8')   # same message: timer kept
+    assert '42 s elapsed' in stats.status().message
+    stats.set_building(None)
+    assert stats.status().level == Level.OK
+
+
+def test_rejections_events_and_metrics_are_reported():
+    stats, clock = make()
+    feed(stats, clock, 5)
+    stats.rejected_frame('malformed')
+    stats.rejected_frame('malformed')
+    stats.rejected_frame('non_finite')
+    stats.event('resolution_change')
+    stats.metric('iou', 0.5)
+    stats.metric('iou', 0.7)
+    values = stats.status().as_dict()
+    assert values['frames_rejected'] == '3'
+    assert values['rejected.malformed'] == '2' and values['rejected.non_finite'] == '1'
+    assert values['events.resolution_change'] == '1'
+    assert values['iou'] == '0.6000'
+    summary = stats.summary()
+    assert summary['rejected'] == {'malformed': 2, 'non_finite': 1}
+    assert summary['metrics']['iou'] == pytest.approx(0.6)
+    assert stats.status().level == Level.OK     # rejections alone are not a failure
+
+
+def test_rates_and_end_to_end_percentiles_over_the_window():
+    stats, clock = make(window_s=5.0)
+    for i in range(200):                      # 60 Hz in, every third frame processed
+        clock.t += 1 / 60
+        stats.received()
+        if i % 3 == 0:
+            stats.processed({'inference': 30.0}, float(i % 7))
+        else:
+            stats.dropped()
+    assert stats.input_rate() == pytest.approx(60.0, rel=0.01)
+    assert stats.output_rate() == pytest.approx(20.0, rel=0.02)
+    e2e = stats.end_to_end()
+    assert e2e['max'] == 6.0 and 0.0 <= e2e['p50'] <= 6.0
+    assert stats.dropped_in_window() == 133 and stats.dropped_total == 133
