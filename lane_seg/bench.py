@@ -42,6 +42,7 @@ OPENCV_METHODS = ('dis_ultrafast', 'dis_fast', 'dis_medium', 'farneback')
 DEFAULT_SIZE = (600, 800)
 DEFAULT_SEED = 1000        # a drive no shipped model was trained on
 MAX_DISTINCT_FRAMES = 16   # frames rendered (800x600 takes ~0.7 s each); timing cycles them
+TORCH_MAX_FRAMES = 20      # the torch reference is slow on CPU: fewer timed frames
 
 
 @dataclass
@@ -142,6 +143,7 @@ def machine(threads: int) -> dict:
         'isa': sorted(f for f in info['flags'] if f in ('avx2', 'avx512f', 'avx512_vnni',
                                                         'avx_vnni', 'amx_int8')),
         'gpu': _gpu(), 'os': platform.platform(), 'python': platform.python_version(),
+        'load_average_1min': os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
         'versions': {'numpy': np.__version__, 'opencv': cv2.__version__,
                      'onnxruntime': _version('onnxruntime') or _version('onnxruntime-gpu'),
                      'torch': _version('torch'), 'tensorrt': _version('tensorrt'),
@@ -558,13 +560,15 @@ def markdown(report: dict) -> str:
         '# lane-seg bench', '',
         f'Machine: {m["cpu"]}, {m["usable_cpus"]} usable of {m["logical_cpus"]} logical CPUs '
         f'at {_fmt(m["cpu_mhz"], 0)} MHz ({", ".join(m["isa"]) or "no AVX-512"}), GPU: '
-        f'{m["gpu"]}; {report["threads"]} threads. Python {m["python"]}, '
+        f'{m["gpu"]}; {report["threads"]} threads; load average '
+        f'{_fmt(m.get("load_average_1min"))} at the start. Python {m["python"]}, '
         + ', '.join(f'{k} {v}' for k, v in m['versions'].items() if v) + '.', '',
         f'Frames: synthetic drive seed {report["frames"]["seed"]}, '
         f'{report["frames"]["size"][1]}x{report["frames"]["size"][0]} bgra8 '
         f'({report["frames"]["distinct"]} distinct, {report["frames"]["timed"]} timed per '
-        'configuration). Latency: the whole pipeline call (frame in, full-resolution mask or '
-        'flow out). Accuracy: lane IoU against the exact boundary masks; flow EPE (px) and '
+        f'configuration, at most {TORCH_MAX_FRAMES} for torch). Latency: the whole pipeline '
+        'call (frame in, full-resolution mask or flow out). Accuracy: lane IoU against the '
+        'exact boundary masks; flow EPE (px) and '
         'Fl-all against the exact flow.', '',
         f'Peak fraction: {report["peak"]["how"]}.', '',
         '| configuration | median ms | p95 | p99 | fps | pre | infer | post | peak MB '
@@ -692,19 +696,22 @@ def run_bench(models=None, backends=None, frames: int = 100, out='docs/bench', t
     if not configs:
         raise ValueError('nothing to measure: ' + ('; '.join(skipped) or 'no models'))
     distinct = max(2, min(frames + 1, MAX_DISTINCT_FRAMES))
-    bar = tqdm(total=distinct + frames * len(configs), disable=not progress, unit='frame',
+    counts = [min(frames, TORCH_MAX_FRAMES) if c.backend == 'torch' else frames
+              for c in configs]
+    bar = tqdm(total=distinct + sum(counts), disable=not progress, unit='frame',
                desc='rendering')
     frameset = render_frames(distinct, size, seed, bar)
     peak = cpu_peak(threads)
+    host = machine(threads)   # before the runs: the load average says how busy the host was
     results = []
     with tempfile.TemporaryDirectory() as tmp:
-        for cfg in configs:
+        for cfg, count in zip(configs, counts):
             bar.set_description(cfg.name[:40])
             entry = {'name': cfg.name, 'task': cfg.task, 'backend': cfg.backend,
                      'precision': cfg.precision, 'model': cfg.model, 'method': cfg.method,
                      'notes': cfg.notes}
             try:
-                entry.update(run_config(cfg, frameset, frames, threads, warmup, bar))
+                entry.update(run_config(cfg, frameset, count, threads, warmup, bar))
             except Exception as exc:  # noqa: B902 - one failing config must not stop the rest
                 entry['error'] = f'{type(exc).__name__}: {exc}'
                 results.append(entry)
@@ -723,7 +730,7 @@ def run_bench(models=None, backends=None, frames: int = 100, out='docs/bench', t
             if memory:
                 entry['memory'] = measure_memory([cfg], frameset, threads, tmp)
             results.append(entry)
-        report = {'machine': machine(threads), 'threads': threads, 'peak': peak,
+        report = {'machine': host, 'threads': threads, 'peak': peak,
                   'frames': {'size': list(size), 'seed': seed, 'distinct': distinct,
                              'timed': frames, 'warmup': warmup},
                   'results': results, 'skipped': skipped}

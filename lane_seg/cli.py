@@ -67,6 +67,16 @@ def _cmd_train(args):
 
 
 def _cmd_export(args):
+    if args.task == 'trt':
+        from .engines.tensorrt_backend import build_engine_cache
+        from .resources import shipped_model
+        model = args.model or shipped_model('lanes', 'int8', backend='tensorrt')
+        path = build_engine_cache(model, precision=args.precision, cache_dir=args.cache_dir,
+                                  force=args.force)
+        print(json.dumps({'model': str(model), 'engine': str(path)}, indent=2))
+        return 0
+    if not (args.float and args.int8 and args.name):
+        raise ValueError('export seg|flow needs --float, --int8 and --name')
     from .train.package import export_models
     print(json.dumps(export_models(args.float, args.int8, args.out, args.name), indent=2))
     return 0
@@ -75,11 +85,19 @@ def _cmd_export(args):
 def _add_export(verbs):
     export = verbs.add_parser('export', help='export checkpoints to ONNX (fp32, int8 QDQ for '
                               'TensorRT, int8 for ONNX Runtime)')
-    export.add_argument('task', choices=['seg', 'flow'])
-    export.add_argument('--float', required=True, help='float checkpoint (.safetensors)')
-    export.add_argument('--int8', required=True, help='8-bit PTQ/QAT checkpoint')
+    export.add_argument('task', choices=['seg', 'flow', 'trt'],
+                        help='seg/flow: checkpoints to ONNX; trt: build the TensorRT engine '
+                        'cache of a model ahead of time (deployment images)')
+    export.add_argument('--float', help='float checkpoint (.safetensors)')
+    export.add_argument('--int8', help='8-bit PTQ/QAT checkpoint')
     export.add_argument('--out', default='models', help='output folder (default models/)')
-    export.add_argument('--name', required=True, help='artefact name, e.g. lane_unet')
+    export.add_argument('--name', help='artefact name, e.g. lane_unet')
+    export.add_argument('--model', help='trt: the int8 QDQ (or fp32) ONNX model; default: the '
+                        'shipped lane model')
+    export.add_argument('--precision', choices=['int8', 'fp16'], default=None,
+                        help='trt: engine precision (default: from the model metadata)')
+    export.add_argument('--cache-dir', default=None, help='trt: engine cache folder')
+    export.add_argument('--force', action='store_true', help='trt: rebuild even if cached')
     export.set_defaults(func=_cmd_export)
 
 
@@ -375,9 +393,10 @@ def build_parser():
 def main(argv=None):
     parser = build_parser()
     args = parser.parse_args(argv)
+    from .engines.base import EngineError
     try:
         return args.func(args)
-    except (ValueError, OSError) as exc:
+    except (ValueError, OSError, EngineError) as exc:
         print(f'lane-seg: error: {exc}', file=sys.stderr)
         return 2
 

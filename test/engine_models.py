@@ -183,6 +183,18 @@ def build(folder) -> dict:
         return _BUILT['models']
     folder = Path(folder)
     import torch
+    threads = torch.get_num_threads()
+    # One thread: on a busy 2-core host, two torch threads spin against other processes and
+    # the fixture takes 20x longer.
+    torch.set_num_threads(1)
+    try:
+        return _build(folder)
+    finally:
+        torch.set_num_threads(threads)
+
+
+def _build(folder):
+    import torch
     from lane_seg.models.export import export_onnx
     from lane_seg.models.flownet import FlowNetConfig, FlowNetS, FLOW_DIV
     from lane_seg.models.unet import UNet, UNetConfig

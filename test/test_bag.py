@@ -115,9 +115,11 @@ def test_made_bag_reads_back_with_rosbags(drive_bags, frames, storage):
                 assert np.array_equal(image_to_numpy(msg), np.where(frame.lane_mask > 0, 255, 0))
             elif conn.topic == GT_LANE_IDS_TOPIC:
                 assert np.array_equal(image_to_numpy(msg), frame.lane_mask)
-            elif conn.topic == GT_FLOW_TOPIC:       # flow K-1 -> K at stamp K
+            elif conn.topic == GT_FLOW_TOPIC:       # flow K-1 -> K at stamp K, NaN if invalid
                 assert msg.encoding == '32FC2'
-                assert np.array_equal(image_to_numpy(msg), frames[index - 1].flow)
+                before = frames[index - 1]
+                expected = np.where(before.flow_valid[..., None], before.flow, np.nan)
+                assert np.array_equal(image_to_numpy(msg), expected, equal_nan=True)
             elif conn.topic == GT_FLOW_VALID_TOPIC:
                 assert np.array_equal(image_to_numpy(msg) > 0, frames[index - 1].flow_valid)
             else:
@@ -581,29 +583,60 @@ def test_eval_of_a_bad_bag_counts_and_matches_a_looped_drive(nasty_bags, tmp_pat
     assert report['flow']['missing'] == 0
 
 
-def test_eval_reads_camera_sim_node_truth_stamped_with_the_older_frame(frames, tmp_path):
-    store = typestore()
-    truth, outputs = [], []
+def _camera_sim_bag(path, frames, store, older=False):
+    """Camera and truth as recorded from ``camera_sim_node`` (``older``: flow K -> K+1 at K)."""
+    messages = []
     for f in frames:
         stamp = EPOCH_NS + f.index * PERIOD_NS
-        truth.append((IMAGE_TOPIC, 'sensor_msgs/msg/Image',
-                      make_image(store, f.image, 'bgr8', stamp, 'cam'), stamp))
-        truth.append(('/camera_sim_node/lane_mask', 'sensor_msgs/msg/Image', make_image(
+        messages.append((IMAGE_TOPIC, 'sensor_msgs/msg/Image',
+                         make_image(store, f.image, 'bgr8', stamp, 'cam'), stamp))
+        messages.append(('/camera_sim_node/lane_mask', 'sensor_msgs/msg/Image', make_image(
             store, np.where(f.lane_mask > 0, 255, 0).astype(np.uint8), 'mono8', stamp, 'cam'),
             stamp))
-        nan_flow = np.where(f.flow_valid[..., None], f.flow, np.nan).astype(np.float32)
-        truth.append(('/camera_sim_node/flow', 'sensor_msgs/msg/Image',
-                      make_image(store, nan_flow, '32FC2', stamp, 'cam'), stamp))
-        if f.index:   # flow_node: frame K-1 -> K stamped with frame K, no NaN
-            outputs.append((FLOW_OUT, 'sensor_msgs/msg/Image', make_image(
-                store, frames[f.index - 1].flow, '32FC2', stamp, 'cam'), stamp))
-    write_messages(tmp_path / 'in', truth, 'mcap', store=store)
-    write_messages(tmp_path / 'out', outputs, 'mcap', store=store)
-    report = evaluate_bag(tmp_path / 'in', tmp_path / 'out')
-    assert report['ground_truth']['flow_stamp'] == 'older' and report['mask'] is None
+        pair = f if older else (frames[f.index - 1] if f.index else None)
+        if pair is not None:
+            nan_flow = np.where(pair.flow_valid[..., None], pair.flow, np.nan)
+            messages.append(('/camera_sim_node/flow', 'sensor_msgs/msg/Image', make_image(
+                store, nan_flow.astype(np.float32), '32FC2', stamp, 'cam'), stamp))
+    write_messages(path, messages, 'mcap', store=store)
+    return path
+
+
+def _flow_node_bag(path, frames, store):
+    """flow_node's output: frame K-1 -> K stamped with frame K, no NaN."""
+    outputs = [(FLOW_OUT, 'sensor_msgs/msg/Image', make_image(
+        store, frames[f.index - 1].flow, '32FC2', EPOCH_NS + f.index * PERIOD_NS, 'cam'),
+        EPOCH_NS + f.index * PERIOD_NS) for f in frames[1:]]
+    write_messages(path, outputs, 'mcap', store=store)
+    return path
+
+
+def test_eval_reads_camera_sim_node_truth_stamped_with_the_newer_frame(frames, tmp_path):
+    store = typestore()
+    truth = _camera_sim_bag(tmp_path / 'in', frames, store)
+    outputs = _flow_node_bag(tmp_path / 'out', frames, store)
+    report = evaluate_bag(truth, outputs)
+    assert report['ground_truth']['flow'] == '/camera_sim_node/flow'
+    assert report['ground_truth']['flow_stamp'] == 'newer' and report['mask'] is None
+    flow = report['flow']
+    assert flow['inputs'] == FRAMES - 1 and flow['matched'] == FRAMES - 1
+    assert flow['missing'] == 0 and flow['unmatched'] == 0 and flow['epe'] == 0.0
+    # Read as stamped with the older frame, every pair is off by one frame.
+    shifted = evaluate_bag(truth, outputs, gt_flow_stamp='older')['flow']
+    assert shifted['matched'] == FRAMES - 2 and shifted['epe'] > 0.0
+
+
+def test_eval_reads_truth_stamped_with_the_older_frame_when_told(frames, tmp_path):
+    """Bags from sources that stamp the truth of K -> K+1 with frame K: --gt-flow-stamp older."""
+    store = typestore()
+    truth = _camera_sim_bag(tmp_path / 'in', frames, store, older=True)
+    outputs = _flow_node_bag(tmp_path / 'out', frames, store)
+    report = evaluate_bag(truth, outputs, gt_flow_stamp='older')
+    assert report['ground_truth']['flow_stamp'] == 'older'
     flow = report['flow']
     assert flow['inputs'] == FRAMES - 1 and flow['matched'] == FRAMES - 1
     assert flow['missing'] == 0 and flow['epe'] == 0.0
+    assert evaluate_bag(truth, outputs)['ground_truth']['flow_stamp'] == 'newer'   # default
 
 
 class _FakeLanes:

@@ -156,8 +156,10 @@ def test_flow_to_msg_is_32fc2_pixels_in_our_convention():
     msg = client_node.flow_to_msg(image, previous, 'f')
     flow = image_to_numpy(msg)
     assert msg.encoding == '32FC2' and flow.shape == (H, W, 2) and flow.dtype == np.float32
-    # Forward flow of the pair (6, 7) lives on frame 6's grid and carries frame 6's stamp.
-    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (12, 295678901)
+    # Forward flow of the pair (6, 7) lives on frame 6's grid and, like flow_node's output,
+    # carries the newer frame 7's stamp.
+    assert (msg.header.stamp.sec, msg.header.stamp.nanosec) == (12, 345678901)
+    assert msg.header.frame_id == 'f'
     inside = flow[1:, :-2]
     np.testing.assert_allclose(inside[..., 0], 2, atol=1e-4)
     np.testing.assert_allclose(inside[..., 1], -1, atol=1e-4)
@@ -275,8 +277,8 @@ def test_callbacks_publish_on_the_bridge_topics(ros):
     assert masks[0].encoding == 'mono8'
     assert np.count_nonzero(image_to_numpy(masks[0])) == 2 * W
     flow = got['/carla_camera_node/flow'][0]
-    # The pair (0, 1) arrives with frame 1 and is stamped with frame 0, on frame 0's grid.
-    assert flow.encoding == '32FC2' and flow.header == images[0].header
+    # The pair (0, 1), on frame 0's grid, goes out with frame 1 and carries its header.
+    assert flow.encoding == '32FC2' and flow.header == images[1].header
     values = image_to_numpy(flow)[1:, :-1]
     np.testing.assert_allclose(values[..., 0], 0.125, atol=1e-4)
     np.testing.assert_allclose(values[..., 1], -0.25 / W * H / 2, atol=1e-4)

@@ -97,7 +97,7 @@ def test_load_errors_name_what_is_missing(models, tmp_path):
     with pytest.raises(EngineError, match='onnxruntime-gpu'):
         load_engine(models['lane_fp32'], backend='onnxruntime', device='cuda')
     with pytest.raises(EngineError, match='checkpoint'):
-        load_engine(models['const_flow'], backend='torch')
+        load_engine(models['const_flow'], backend='torch', threads=1)
     import torch
     if not torch.cuda.is_available():
         with pytest.raises(EngineError, match='no CUDA GPU'):
@@ -106,9 +106,9 @@ def test_load_errors_name_what_is_missing(models, tmp_path):
 
 
 def test_torch_backend_runs_checkpoints_and_onnx_siblings(models):
-    with load_engine(models['lane'], backend='torch') as engine:
+    with load_engine(models['lane'], backend='torch', threads=1) as engine:
         assert engine.precision == 'fp32' and engine.backend == 'torch'
-    with load_engine(models['lane_int8_ort'], backend='torch') as engine:
+    with load_engine(models['lane_int8_ort'], backend='torch', threads=1) as engine:
         assert engine.precision == 'int8'
         assert engine.source.endswith('lane_q.safetensors')
         assert engine.input_spec().shape == (1, 3, 64, 128)
@@ -117,7 +117,7 @@ def test_torch_backend_runs_checkpoints_and_onnx_siblings(models):
 @pytest.mark.parametrize('family', ['lane', 'other'])
 def test_float_backends_agree(models, family):
     ort = load_engine(models[f'{family}_fp32'], backend='onnxruntime')
-    pt = load_engine(models[f'{family}_fp32'], backend='torch')
+    pt = load_engine(models[f'{family}_fp32'], backend='torch', threads=1)
     for x in _lane_inputs(ort.metadata):
         a = ort.infer({'image': x})['logits']
         b = pt.infer({'image': x})['logits']
@@ -133,7 +133,7 @@ def _within_one_step(a, ref):
 @pytest.mark.parametrize('family', ['lane', 'other', 'flow'])
 def test_int8_backends_agree_within_one_quantization_step(models, family):
     """ORT (QDQ and uint8 forms) against torch fake-quant, on calibration-range inputs."""
-    ref_engine = load_engine(models[f'{family}_int8_qdq'], backend='torch')
+    ref_engine = load_engine(models[f'{family}_int8_qdq'], backend='torch', threads=1)
     meta = ref_engine.metadata
     inputs = flow_inputs(meta)[:, None] if family == 'flow' else _lane_inputs(meta)
     name = meta['inputs'][0]['name']
@@ -353,3 +353,21 @@ def test_share_dir_of_a_source_checkout():
     dirs = resources.share_dirs()
     assert dirs and resources.share_dir() == dirs[0]
     assert any((d / 'package.xml').exists() for d in dirs)
+
+
+def test_closing_while_the_engine_builds_closes_the_late_engine(models):
+    release = threading.Event()
+    built = []
+
+    def slow():
+        release.wait(30)
+        built.append(_FakeTrtEngine(models['lane_int8_qdq']))
+        return built[0]
+    fallback = OnnxRuntimeEngine(models['lane_int8_ort'], threads=1)
+    engine = SwitchingEngine(fallback, slow)
+    engine.close()
+    assert fallback.closed
+    with pytest.raises(RuntimeError, match='closed'):
+        engine.infer({'image': np.zeros((1, 3, 64, 128), np.float32)})
+    release.set()
+    assert engine.wait(30) and built[0].closed and engine.backend == 'onnxruntime'

@@ -25,11 +25,12 @@ import time
 import types
 
 from diagnostic_msgs.msg import DiagnosticArray
-from lane_seg.image_conversion import numpy_to_image
+from lane_seg.image_conversion import image_to_numpy, numpy_to_image
 from lane_seg.latency import Level
 from lane_seg.ros.camera_sim_node import CameraSimNode
 from lane_seg.ros.flow_node import FlowNode, reset_kind
 from lane_seg.ros.lane_seg_node import LaneSegNode
+from lane_seg.sim import CameraConfig, DriveConfig, SyntheticDrive
 import numpy as np
 import pytest
 from rcl_interfaces.srv import SetParameters
@@ -688,6 +689,9 @@ def test_live_iou_and_epe_from_ground_truth_topics(graph):
     lanes = make_lane_node(graph, params=[('gt_topic', '/gt/lanes')])
     flow = graph.add(FlowNode(flow_factory, context=graph.context, parameter_overrides=[
         Parameter('gt_topic', value='/gt/flow')]))
+    scored = []
+    score = flow._score
+    flow._score = lambda value: (value is not None and scored.append(value), score(value))
     pub = graph.publisher()
     gt_lanes = graph.publisher('/gt/lanes', qos=10)
     gt_flow = graph.publisher('/gt/flow', qos=10)
@@ -700,15 +704,21 @@ def test_live_iou_and_epe_from_ground_truth_topics(graph):
     shift = np.zeros((48, 64, 2), np.float32)
     shift[..., 0] = 1.5                      # stand-in says 1.0: EPE 0.5
     shift[:5] = np.nan                       # invalid pixels do not count
+    # Stamped with the older frame of its pair, this would be scored: a wrong pairing shows.
+    decoy = np.full((48, 64, 2), 11.0, np.float32)
     for i in range(4):
         stamp = 3.0 + 0.05 * i
         gt_lanes.publish(numpy_to_image(truth, 'mono8', header=header(stamp)))
-        gt_flow.publish(numpy_to_image(shift, '32FC2', header=header(stamp)))
+        # The truth of the pair (i - 1, i) goes out with frame i, stamped with it, as
+        # camera_sim_node publishes it; frame 0 has no pair.
+        gt_flow.publish(numpy_to_image(shift if i else decoy, '32FC2', header=header(stamp)))
         pub.publish(frame_msg(stamp))
         time.sleep(0.1)
-    wait_until(lambda: 'iou' in lanes.stats.metrics() and 'epe' in flow.stats.metrics(),
-               what='metrics')
+    wait_until(lambda: 'iou' in lanes.stats.metrics() and len(scored) == 3,
+               what='metrics of the three flow pairs')
+    time.sleep(0.2)
     assert lanes.stats.metrics()['iou'] == pytest.approx(1.0)
+    assert scored == pytest.approx([0.5] * 3)
     assert flow.stats.metrics()['epe'] == pytest.approx(0.5)
     assert lanes.diagnostic_status().as_dict()['iou'] == '1.0000'
 
@@ -789,6 +799,43 @@ def test_sim_time_stamps_and_end_to_end_latency_follow_the_clock_topic(graph):
     stamps = [stamp_of(m) for m in images]
     assert all(start_s <= s < start_s + 5.0 for s in stamps), stamps
     assert node.stats.end_to_end()['p95'] < 500.0     # sim now - stamp, not wall - sim
+
+
+def test_camera_sim_flow_k_to_k1_goes_out_with_frame_k1_and_its_stamp(graph):
+    """The ground-truth flow follows flow_node's convention: K -> K+1, stamped with K+1."""
+    seed, width, height, count = 5, 64, 32, 3
+    images = graph.collect('/gt_cam/image')
+    flows = graph.collect('/camera_sim_node/flow')
+    graph.add(CameraSimNode(context=graph.context, parameter_overrides=[
+        Parameter('width', value=width), Parameter('height', value=height),
+        Parameter('seed', value=seed), Parameter('rate_hz', value=20.0),
+        Parameter('loop_frames', value=count), Parameter('camera_topic', value='/gt_cam')]))
+    camera = CameraConfig(width=width, height=height, fov_deg=90.0)
+    frames = list(SyntheticDrive(DriveConfig(seed=seed, camera=camera, fps=20.0)).frames(count))
+    index_of = {f.image.tobytes(): f.index for f in frames}
+
+    def key(msg):
+        return msg.header.stamp.sec, msg.header.stamp.nanosec
+
+    def seen():
+        by_stamp = {key(m): (index_of[image_to_numpy(m)[..., :3].tobytes()], m)
+                    for m in list(images)}
+        paired = [(by_stamp[key(f)], f) for f in list(flows) if key(f) in by_stamp]
+        return by_stamp, paired
+
+    # Two passes of the loop at least: frame 0 comes again after the seam, without flow.
+    wait_until(lambda: sum(i == 0 for i, _ in seen()[0].values()) >= 2
+               and {i for (i, _), _ in seen()[1]} == {1, 2}, timeout=15.0,
+               what='frames and flows of two passes of the loop')
+    by_stamp, paired = seen()
+    assert len({key(f) for _, f in paired}) == len(paired)     # one flow per frame at most
+    for (index, image), msg in paired:
+        assert index in (1, 2)                           # never with frame 0 (first, seam)
+        assert msg.header == image.header                # frame K+1's stamp and frame_id
+        assert (msg.encoding, msg.height, msg.width) == ('32FC2', height, width)
+        before = frames[index - 1]                       # on frame K's grid, NaN if invalid
+        expected = np.where(before.flow_valid[..., None], before.flow, np.nan)
+        np.testing.assert_array_equal(image_to_numpy(msg), expected.astype(np.float32))
 
 
 # -- across processes -----------------------------------------------------------------------

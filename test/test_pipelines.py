@@ -106,7 +106,7 @@ def test_other_model_runs_through_every_backend_without_parameters(models):
     for path, backend in (('other_fp32', 'onnxruntime'), ('other_fp32', 'torch'),
                           ('other_int8_qdq', 'onnxruntime'), ('other_int8_ort', 'onnxruntime'),
                           ('other_int8_ort', 'torch'), ('other_int8_ort', 'auto')):
-        with LanePipeline.from_model(models[path], backend=backend) as pipe:
+        with LanePipeline.from_model(models[path], backend=backend, threads=1) as pipe:
             assert pipe.input_size == (48, 96) and pipe.threshold == 0.3
             results[path, backend] = [pipe(encode(f, 'bgra8'), 'bgra8').mask for f in frames]
             assert results[path, backend][0].shape == frames[0].shape[:2]
@@ -126,8 +126,8 @@ def test_other_model_runs_through_every_backend_without_parameters(models):
 
 def test_lane_int8_backends_agree_on_masks(models):
     frames = [f.image for f in fixture_frames()]
-    with LanePipeline.from_model(models['lane_int8_qdq'], backend='torch') as ref_pipe:
-        ref = [ref_pipe(f, 'bgr8').mask for f in frames]
+    with LanePipeline.from_model(models['lane_int8_qdq'], backend='torch', threads=1) as ref:
+        ref = [ref(f, 'bgr8').mask for f in frames]
     for path in ('lane_int8_qdq', 'lane_int8_ort'):
         with LanePipeline.from_model(models[path], backend='onnxruntime') as pipe:
             assert pooled_iou([pipe(f, 'bgr8').mask for f in frames], ref) >= 0.99, path
@@ -251,7 +251,7 @@ def test_flow_backends_agree(models):
     frames = [f.image for f in fixture_frames()]
     flows = {}
     for backend in ('torch', 'onnxruntime'):
-        fp = FlowPipeline.from_model(models['flow_int8_qdq'], backend=backend)
+        fp = FlowPipeline.from_model(models['flow_int8_qdq'], backend=backend, threads=1)
         flows[backend] = [fp(f, 'bgr8', 0.05 * i) for i, f in enumerate(frames)][1:]
         assert fp.describe()['backend'] == backend
     ref = np.stack([r.flow for r in flows['torch']])

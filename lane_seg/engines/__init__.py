@@ -53,7 +53,7 @@ def load_engine(model, backend: str = 'auto', threads: int = 2, cache_dir=None, 
 
 
 def _load_engine_file(path, backend, device, logger):
-    """A prebuilt TensorRT engine (``.engine`` + ``.json``): only TensorRT runs it."""
+    """Load a prebuilt TensorRT engine (``.engine`` + ``.json``): only TensorRT runs it."""
     if backend in ('onnxruntime', 'torch'):
         raise EngineError(f'{path} is a TensorRT engine; backend {backend} runs ONNX models '
                           '(pass the .onnx model, or use backend tensorrt or auto)')

@@ -88,7 +88,7 @@ def to_ort_int8(qdq_path, out_path):
         if node.op_type == 'Relu':
             return True
         if node.op_type in ('Resize', 'DequantizeLinear', 'QuantizeLinear', 'Identity',
-                            'MaxPool'):
+                            'MaxPool', 'Clip'):
             return non_negative(node.input[0], depth + 1)
         if node.op_type == 'Concat':
             return all(non_negative(i, depth + 1) for i in node.input)

@@ -58,7 +58,11 @@ class ActQuant(nn.Module):
 
     ``mode='symmetric'``: signed, zero point 0, range +-max|x| (TensorRT's form).
     ``mode='sigma4'``: the FlowNetS study's unsigned range [0, 4 sigma] after BN + ReLU.
+    ``batch_share``: this process's fraction of the global batch (set per step by distributed
+    training, 1 otherwise), so the LSQ gradient scale is the one of the global batch.
     """
+
+    batch_share = 1.0
 
     def __init__(self, bits=8, learn=True, mode='symmetric'):
         super().__init__()
@@ -93,8 +97,9 @@ class ActQuant(nn.Module):
         qmin, qmax = (0, 2 ** self.bits - 1) if self.mode == 'sigma4' else qrange(self.bits)
         scale = self.scale.abs() + 1e-8
         if self.learn and self.training:
-            # LSQ: gradient to the scale scaled by 1 / sqrt(numel * qmax).
-            g = 1.0 / math.sqrt(x.numel() * qmax)
+            # LSQ: gradient to the scale scaled by 1 / sqrt(numel * qmax), numel counted over
+            # the whole batch when this process holds a share of it (distributed training).
+            g = 1.0 / math.sqrt(x.numel() / self.batch_share * qmax)
             scale = scale * g + (scale - scale * g).detach()
         return _fake_quant(x, scale, qmin, qmax)
 

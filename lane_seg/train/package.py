@@ -25,7 +25,7 @@ def export_models(float_ckpt, int8_ckpt, out, name, extra_metrics=None) -> dict:
         model, meta = checkpoint.load_model(src)
         if (precision == 'int8') != bool(meta['architecture'].get('quant')):
             raise ValueError(f'{src}: expected a {precision} checkpoint')
-        ckpt = out / f'{name}_{precision}.safetensors'
+        ckpt = out / f'{name}_{precision}_torch.safetensors'
         shutil.copyfile(src, ckpt)
         meta = dict(meta, name=f'{name}_{precision}', checkpoint=ckpt.name)
         meta.pop('kind', None)
