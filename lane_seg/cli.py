@@ -2,6 +2,7 @@
 
 import argparse
 import json
+import os
 from pathlib import Path
 import sys
 
@@ -62,7 +63,8 @@ def _cmd_train(args):
     else:
         from .train.flow import config_from_args, train
     result = train(config_from_args(args), log=lambda m: print(m, flush=True))
-    print(json.dumps(result, indent=2))
+    if os.environ.get('RANK', '0') == '0':   # under torchrun, rank 0 alone prints the result
+        print(json.dumps(result, indent=2))
     return 0
 
 

@@ -298,9 +298,13 @@ def zero_points(path):
     weights = set(inits) | set(consts)
     acts, wts = [], []
     for n in model.graph.node:
+        zp = inits.get(n.input[2], consts.get(n.input[2])) if len(n.input) > 2 else None
         if n.op_type == 'QuantizeLinear':
-            zp = inits.get(n.input[2], consts.get(n.input[2]))
             (wts if n.input[0] in weights else acts).append(zp)
+        elif n.op_type == 'DequantizeLinear' and n.input[0] in inits:
+            # Weights are stored folded: int8 initializer -> DequantizeLinear.
+            assert inits[n.input[0]].dtype == np.int8
+            wts.append(zp)
     return acts, wts
 
 

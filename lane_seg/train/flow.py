@@ -5,13 +5,11 @@ Optical-flow training of the quantizable FlowNetSimple: float, PTQ and QAT.
 flow, loss = end-point error over valid pixels at the output resolution (1/4 of the input),
 validates EPE at the ground truth's resolution. ``--init CKPT --quant-bits B`` quantizes
 (BatchNorm folded, per-channel weights, learned activation ranges), calibrates and fine-tunes.
+The loop (torchrun / DistributedDataParallel, resumable checkpoints, workers) is ``loop.fit``.
 """
 
 import argparse
-from dataclasses import asdict, dataclass, field
-import json
-import math
-from pathlib import Path
+from dataclasses import dataclass, field
 import shlex
 import sys
 import time
@@ -20,7 +18,8 @@ import cv2
 import numpy as np
 
 from .cache import FrameCache
-from .seg import inherit_metadata, LANE_NORMALIZATION, quant_metadata
+from .loop import add_run_arguments, fit, run_arguments, TrainTask
+from .seg import LANE_NORMALIZATION, quant_metadata
 from ..data import open_flow_dataset
 from ..pipeline.preprocess import prepare
 
@@ -47,7 +46,13 @@ class FlowTrainConfig:
     calib_batches: int = 16
     max_val: int = 0
     max_train: int = 0
-    threads: int = 2
+    threads: int = 2             # torch threads per process
+    workers: int = 0             # data-loading worker processes per rank (0: in-process)
+    resume: str = ''             # '', a last.safetensors, a run folder, or 'auto'
+    checkpoint_every: int = 0    # also write RUN/last.safetensors every N steps
+    stop_after: int = 0          # stop after this global step, state saved (0: run to the end)
+    sync_bn: bool = False        # torchrun: BatchNorm statistics of the global batch
+    device: str = 'auto'         # auto (this rank's GPU if any), cpu, cuda[:N]
 
 
 def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
@@ -114,46 +119,60 @@ def _target(flow, valid, meta):
     return f.transpose(2, 0, 1), v
 
 
+def train_item(samples, i, meta, cfg, rng, train=True):
+    """Return pair ``i`` (augmented with ``rng`` when training) as a random crop (x, f, v)."""
+    image1, image2, flow, valid = samples[i]
+    if train and rng.random() < 0.5:   # horizontal flip: u changes sign
+        image1, image2 = image1[:, ::-1], image2[:, ::-1]
+        flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
+        valid = valid[:, ::-1]
+    if train:
+        gain, bias = rng.uniform(0.75, 1.25), rng.uniform(-20, 20)
+        image1 = np.clip(image1 * gain + bias, 0, 255).astype(np.uint8)
+        image2 = np.clip(image2 * gain + bias, 0, 255).astype(np.uint8)
+    x = stack_frames(np.ascontiguousarray(image1), np.ascontiguousarray(image2), meta)
+    f, v = _target(np.ascontiguousarray(flow), np.ascontiguousarray(valid), meta)
+    ch, cw = min(cfg.crop[0], x.shape[1]), min(cfg.crop[1], x.shape[2])
+    top = rng.integers(0, x.shape[1] - ch + 1) // 4 * 4
+    left = rng.integers(0, x.shape[2] - cw + 1) // 4 * 4
+    return (x[:, top:top + ch, left:left + cw], f[:, top:top + ch, left:left + cw],
+            v[top:top + ch, left:left + cw])
+
+
 def batches(samples, meta, cfg, rng, train=True):
     import torch
     order = list(range(len(samples)))
     if train:
         order = order[:cfg.max_train or None]
         rng.shuffle(order)
-    ch, cw = cfg.crop
     for start in range(0, len(order), cfg.batch):
-        xs, fs, vs = [], [], []
-        for i in order[start:start + cfg.batch]:
-            image1, image2, flow, valid = samples[i]
-            if train and rng.random() < 0.5:   # horizontal flip: u changes sign
-                image1, image2 = image1[:, ::-1], image2[:, ::-1]
-                flow = flow[:, ::-1] * np.array([-1.0, 1.0], np.float32)
-                valid = valid[:, ::-1]
-            if train:
-                gain, bias = rng.uniform(0.75, 1.25), rng.uniform(-20, 20)
-                image1 = np.clip(image1 * gain + bias, 0, 255).astype(np.uint8)
-                image2 = np.clip(image2 * gain + bias, 0, 255).astype(np.uint8)
-            x = stack_frames(np.ascontiguousarray(image1), np.ascontiguousarray(image2), meta)
-            f, v = _target(np.ascontiguousarray(flow), np.ascontiguousarray(valid), meta)
-            ch, cw = min(ch, x.shape[1]), min(cw, x.shape[2])
-            top = rng.integers(0, x.shape[1] - ch + 1) // 4 * 4
-            left = rng.integers(0, x.shape[2] - cw + 1) // 4 * 4
-            xs.append(x[:, top:top + ch, left:left + cw])
-            fs.append(f[:, top:top + ch, left:left + cw])
-            vs.append(v[top:top + ch, left:left + cw])
+        xs, fs, vs = zip(*(train_item(samples, i, meta, cfg, rng, train)
+                           for i in order[start:start + cfg.batch]))
         yield (torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(fs)),
                torch.from_numpy(np.stack(vs)))
 
 
-def flow_loss(pred, flow, valid):
-    """EPE over valid pixels at the prediction's resolution (GT area-pooled to it)."""
+def calibration_inputs(samples, meta, cfg, rng):
+    """Yield the input batches of PTQ calibration."""
+    for x, _, _ in batches(samples, meta, cfg, rng):
+        yield x
+
+
+def flow_loss_terms(pred, flow, valid):
+    """Return (sum of EPE over valid pixels, valid pixels) at the prediction's resolution."""
     import torch.nn.functional as F
     from ..models.flownet import FLOW_DIV
     size = pred.shape[-2:]
     f = F.interpolate(flow, size=size, mode='area')
     v = F.interpolate(valid[:, None].float(), size=size, mode='area') > 0.99
     err = (pred * FLOW_DIV - f).pow(2).sum(1, keepdim=True).add(1e-6).sqrt()
-    return (err * v).sum() / v.sum().clamp(min=1)
+    return (err * v).sum(), v.sum()
+
+
+def flow_loss(pred, flow, valid):
+    """EPE over valid pixels at the prediction's resolution (GT area-pooled to it)."""
+    total, count = flow_loss_terms(pred, flow, valid)
+    return total / count.clamp(min=1)
 
 
 def predict_full(model, image1, image2, meta):
@@ -163,9 +182,9 @@ def predict_full(model, image1, image2, meta):
     from ..models.flownet import FLOW_DIV
     h, w = meta['inputs'][0]['shape'][2:]
     x = torch.from_numpy(stack_frames(image1, image2, meta))[None]
-    out = model(x) * FLOW_DIV
+    out = model(x.to(next(model.parameters()).device)) * FLOW_DIV
     H, W = image1.shape[:2]
-    up = F.interpolate(out, size=(H, W), mode='bilinear', align_corners=False)[0].numpy()
+    up = F.interpolate(out, size=(H, W), mode='bilinear', align_corners=False)[0].cpu().numpy()
     return np.stack([up[0] * (W / w), up[1] * (H / h)], axis=-1)
 
 
@@ -190,65 +209,24 @@ def evaluate(model, samples, meta, cfg) -> dict:
             'frames': n, 'seconds': round(time.perf_counter() - t0, 1)}
 
 
+def _loss(_cfg, pred, flow, valid):
+    return flow_loss_terms(pred, flow, valid)
+
+
+TASK = TrainTask(name='flow', task='optical_flow', metadata=flow_metadata, samples=FlowSamples,
+                 item=train_item, calibration=calibration_inputs, loss=_loss,
+                 evaluate=evaluate)
+
+
 def train(cfg: FlowTrainConfig, log=print) -> dict:
-    import torch
-    from ..models import checkpoint
-    from ..models.quant import calibrate, quantize_model, QuantConfig
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    meta = flow_metadata(cfg, out.name)
-    train_set, val_set = FlowSamples(cfg.data), FlowSamples(cfg.val)
-    history = []
-    if cfg.init:
-        model, init_meta = checkpoint.load_model(cfg.init, task='optical_flow')
-        meta = inherit_metadata(meta, init_meta)
-        if cfg.quant_bits and not init_meta['architecture'].get('quant'):
-            quantize_model(model, QuantConfig(**meta['architecture']['quant']))
-            calib = []
-            for x, _, _ in batches(train_set, meta, cfg, rng):
-                if len(calib) >= cfg.calib_batches:
-                    break
-                calib.append(x)
-            calibrate(model, calib)
-        metrics = evaluate(model, val_set, meta, cfg)
-        history.append({'epoch': 0, **metrics})
-        log(f'start: {metrics}')
-    else:
-        model = checkpoint.build_model(meta['architecture'])
-        metrics = {}
-    if cfg.epochs > 0:
-        from tqdm import tqdm
-        opt = torch.optim.AdamW([p for p in model.parameters() if p.requires_grad],
-                                lr=cfg.lr, weight_decay=cfg.weight_decay)
-        n_train = cfg.max_train or len(train_set)
-        steps = cfg.epochs * math.ceil(n_train / cfg.batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
-                                                    pct_start=0.15 if not cfg.init else 0.05)
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            total = count = 0.0
-            for x, f, v in tqdm(batches(train_set, meta, cfg, rng),
-                                total=math.ceil(n_train / cfg.batch),
-                                desc=f'epoch {epoch}/{cfg.epochs}', leave=False,
-                                disable=not sys.stderr.isatty()):
-                loss = flow_loss(model(x), f, v)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * x.shape[0]
-                count += x.shape[0]
-            metrics = evaluate(model, val_set, meta, cfg)
-            metrics['loss'] = round(total / max(count, 1), 4)
-            history.append({'epoch': epoch, **metrics})
-            log(f'epoch {epoch}: {metrics}')
-    meta['metrics'] = {'val': metrics, 'history': history}
-    meta['training']['config'] = json.loads(json.dumps(asdict(cfg)))
-    path = checkpoint.save(out / f'{out.name}.safetensors', model, meta)
-    return {'checkpoint': str(path), 'metrics': metrics}
+    """
+    Run one training job (alone, or as one rank under torchrun); see ``loop.fit``.
+
+    Returns the checkpoint path and the final metrics (on every rank), and 'stopped_at_step'
+    when the run stopped early with its state in ``RUN/last.safetensors``.
+    """
+    result = fit(TASK, cfg, log)
+    return {k: result[k] for k in ('checkpoint', 'metrics', 'stopped_at_step') if k in result}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -269,7 +247,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
     p.add_argument('--max-val', type=int, default=0)
     p.add_argument('--max-train', type=int, default=0)
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=int, default=2, help='torch threads per process')
+    add_run_arguments(p)
 
 
 def config_from_args(args) -> FlowTrainConfig:
@@ -278,4 +257,5 @@ def config_from_args(args) -> FlowTrainConfig:
         arch={'width': args.width, 'levels': args.levels}, crop=tuple(args.crop),
         epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
         quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
-        max_val=args.max_val, max_train=args.max_train, threads=args.threads)
+        max_val=args.max_val, max_train=args.max_train, threads=args.threads,
+        **run_arguments(args))

@@ -25,6 +25,7 @@ continues bit for bit (``resume`` writes ``RUN/last.safetensors`` every epoch, e
 
 from dataclasses import asdict, dataclass
 import datetime
+import gc
 import itertools
 import json
 import math
@@ -127,6 +128,10 @@ def setup(device: str = 'auto', timeout_minutes: float = 60) -> DistEnv:
     import torch.distributed as dist
     owns = not dist.is_initialized()
     if owns:
+        # DDP imports torch._dynamo, and that import keeps references to a process group that
+        # already exists: the group would outlive destroy_process_group and its gloo threads
+        # abort the interpreter at exit. Imported first, it holds none.
+        import torch._dynamo  # noqa: F401
         dist.init_process_group('nccl' if dev.startswith('cuda') else 'gloo',
                                 timeout=datetime.timedelta(minutes=timeout_minutes))
     return DistEnv(dist.get_rank(), dist.get_world_size(), local, dev, dist.get_backend(), owns)
@@ -275,29 +280,53 @@ def _quiet(_message):
     pass
 
 
-def fit(task: TrainTask, cfg, log=print) -> dict:
+@dataclass
+class StepContext:
+    """What a hook's ``after_backward`` sees of one training step."""
+
+    model: object             # the model itself (not the DDP wrapper)
+    inputs: list              # this rank's share of the batch (tensors on the device)
+    loss: float               # task loss of the global batch
+    batch_loss: Callable      # () -> task loss of the global batch with the model as it is now
+    env: DistEnv
+    step: int                 # global step, counting from 1
+
+
+def fit(task: TrainTask, cfg, log=print, hooks=()) -> dict:
     """
     Run one training job (single process, or one rank of a torchrun job).
 
     Returns {'checkpoint', 'metrics', 'model', 'step', 'rank', 'world_size'} on every rank, plus
     'stopped_at_step' when the run stopped early (``cfg.stop_after`` or SIGTERM): its
     'checkpoint' is then ``RUN/last.safetensors``, to resume from.
+
+    ``hooks`` extend the loop (learned bit widths, for example); every method is optional:
+    ``setup(model, meta, env)`` once the model is built (quantized, calibrated or resumed),
+    ``after_backward(StepContext)`` before each optimiser step (``batch_loss()`` is a
+    collective: every rank must call it equally often), ``state() -> dict`` (JSON) and
+    ``load_state(dict)`` for resumable checkpoints (keyed by ``hook.name``), and
+    ``finish(model, meta)`` before the model checkpoint is written.
     """
     env = setup(cfg.device)
+    run = _Run(task, cfg, env, log if env.is_main else _quiet, hooks)
     try:
-        return _Run(task, cfg, env, log if env.is_main else _quiet).run()
+        return run.run()
     finally:
+        # The DDP reducer holds the process group: drop it before destroying the group.
+        run.net = run.opt = run.sched = None
+        gc.collect()
         env.close()
 
 
 class _Run:
 
-    def __init__(self, task: TrainTask, cfg, env: DistEnv, log):
+    def __init__(self, task: TrainTask, cfg, env: DistEnv, log, hooks=()):
         self.task, self.cfg, self.env, self.log = task, cfg, env, log
+        self.hooks = list(hooks)
         self.step = 0
         self.loss_sum = self.loss_count = 0.0
         self.history, self.metrics = [], {}
-        self.opt = self.sched = None
+        self.net = self.opt = self.sched = None
 
     def run(self) -> dict:
         import torch
@@ -319,6 +348,7 @@ class _Run:
                              f'sample for each of the {env.world_size} processes')
         saved = self._build_model()
         self.meta['training']['config'] = self.config
+        self._call('setup', self.model, self.meta, env)
         stopped = False
         if cfg.epochs > 0:
             self._build_optimizer(saved)
@@ -400,6 +430,9 @@ class _Run:
             checkpoint.restore_optimizer(self.opt, saved['tensors'], saved['info'])
             self.sched.load_state_dict(saved['scheduler'])
             resume.restore_rng(saved['rng'], self.rng)
+            for hook in self.hooks:
+                if hasattr(hook, 'load_state'):
+                    hook.load_state(saved.get('hooks', {}).get(hook.name, {}))
 
     def _train(self) -> bool:
         """Train the remaining steps; returns True when stopped early (state saved)."""
@@ -472,6 +505,10 @@ class _Run:
         loss = total * (env.world_size / g_weight)
         self.opt.zero_grad(set_to_none=True)
         loss.backward()
+        if self.hooks:
+            ctx = StepContext(self.model, tensors, g_total / g_weight,
+                              lambda: self._batch_loss(tensors, real), env, self.step + 1)
+            self._call('after_backward', ctx)
         self.opt.step()
         self.sched.step()
         self.step += 1
@@ -479,6 +516,21 @@ class _Run:
         self.loss_count += g_count
         self._last_count = g_count
         return g_stop > 0
+
+    def _batch_loss(self, tensors, real: int) -> float:
+        """Task loss of the global batch with the current model (no gradients; collective)."""
+        import torch
+        with torch.no_grad():
+            total, weight = self.task.loss(self.cfg, self.model(tensors[0]), *tensors[1:])
+            weight = torch.as_tensor(weight, device=total.device).double().reshape(())
+            stats = torch.stack([total.double(), weight]) * (1.0 if real else 0.0)
+            total, weight = self.env.all_reduce(stats).tolist()
+        return total / max(weight, 1.0)
+
+    def _call(self, method: str, *args):
+        for hook in self.hooks:
+            if hasattr(hook, method):
+                getattr(hook, method)(*args)
 
     def _save(self, epoch: int):
         if not self.env.is_main:
@@ -491,7 +543,8 @@ class _Run:
                  'loss_count': self.loss_count, 'history': self.history,
                  'metrics': self.metrics, 'scheduler': self.sched.state_dict(),
                  'rng': resume.capture_rng(self.rng),
-                 'quantizers': resume.quantizer_state(self.model)}
+                 'quantizers': resume.quantizer_state(self.model),
+                 'hooks': {h.name: h.state() for h in self.hooks if hasattr(h, 'state')}}
         resume.save_state(self.out, self.model, self.meta, self.opt, state)
 
     def _finish(self, stopped: bool) -> dict:
@@ -509,6 +562,7 @@ class _Run:
             self.meta['training']['distributed'] = {
                 'world_size': env.world_size, 'backend': env.backend or None,
                 'global_batch': self.cfg.batch}
+            self._call('finish', self.model, self.meta)
             if env.is_main:
                 checkpoint.save(path, self.model, self.meta)
         # Also a barrier: no rank returns before rank 0 has written its checkpoint.

@@ -6,15 +6,13 @@ the U-Net with BCE + Dice on crops of the model input (the network is fully conv
 crops keep the geometry and cost a fraction of a full frame), validates IoU and F1 at the
 label's resolution, and writes safetensors checkpoints. ``--init CKPT --quant-bits 8`` turns a
 float checkpoint into a fake-quantized one (BatchNorm folded), calibrates it (PTQ), and with
-``--epochs > 0`` fine-tunes it (QAT).
+``--epochs > 0`` fine-tunes it (QAT). The loop itself (torchrun / DistributedDataParallel,
+resumable checkpoints, data-loading workers) is ``loop.fit``, shared with flow training.
 """
 
 import argparse
-from dataclasses import asdict, dataclass, field
-import json
+from dataclasses import dataclass, field
 import math
-from pathlib import Path
-import random
 import shlex
 import sys
 import time
@@ -23,6 +21,7 @@ import cv2
 import numpy as np
 
 from .cache import FrameCache
+from .loop import add_run_arguments, fit, run_arguments, TrainTask
 from ..data import open_lane_dataset
 from ..pipeline.preprocess import prepare, roi_box
 
@@ -57,7 +56,13 @@ class SegTrainConfig:
     calib_batches: int = 16
     max_val: int = 0             # 0 = all validation frames
     max_train: int = 0           # 0 = all training frames (else the first N)
-    threads: int = 2
+    threads: int = 2             # torch threads per process
+    workers: int = 0             # data-loading worker processes per rank (0: in-process)
+    resume: str = ''             # '', a last.safetensors, a run folder, or 'auto'
+    checkpoint_every: int = 0    # also write RUN/last.safetensors every N steps
+    stop_after: int = 0          # stop after this global step, state saved (0: run to the end)
+    sync_bn: bool = False        # torchrun: BatchNorm statistics of the global batch
+    device: str = 'auto'         # auto (this rank's GPU if any), cpu, cuda[:N]
 
 
 def quant_metadata(weight_bits: int, act_bits: int) -> dict:
@@ -151,6 +156,17 @@ def _augment(image, mask, rng):
     return np.clip(image, 0, 255).astype(np.uint8), np.ascontiguousarray(mask)
 
 
+def train_item(samples, i, meta, cfg, rng):
+    """Return sample ``i`` augmented with ``rng``: a random crop (x, y) of input and target."""
+    image, mask = _augment(*samples[i], rng)
+    x, _ = prepare(image, meta)
+    y = _target(mask, meta)
+    ch, cw = min(cfg.crop[0], x.shape[1]), min(cfg.crop[1], x.shape[2])
+    top = rng.integers(0, x.shape[1] - ch + 1)
+    left = rng.integers(0, x.shape[2] - cw + 1)
+    return x[:, top:top + ch, left:left + cw], y[None, top:top + ch, left:left + cw]
+
+
 def batches(samples, meta, cfg, rng, train=True):
     """Yield (x, y) float32 batches; random crops of the model input when training."""
     import torch
@@ -160,24 +176,23 @@ def batches(samples, meta, cfg, rng, train=True):
         rng.shuffle(order)
     elif cfg.max_val:
         order = order[:cfg.max_val]
-    ch, cw = cfg.crop if train else cfg.input_size
     for start in range(0, len(order), cfg.batch):
-        xs, ys = [], []
-        for i in order[start:start + cfg.batch]:
-            image, mask = samples[i]
-            if train:
-                image, mask = _augment(image, mask, rng)
-            x, _ = prepare(image, meta)
-            y = _target(mask, meta)
-            if train:
-                ch, cw = min(ch, x.shape[1]), min(cw, x.shape[2])
-                top = rng.integers(0, x.shape[1] - ch + 1)
-                left = rng.integers(0, x.shape[2] - cw + 1)
-                x = x[:, top:top + ch, left:left + cw]
-                y = y[top:top + ch, left:left + cw]
-            xs.append(x)
-            ys.append(y[None])
+        if train:
+            xs, ys = zip(*(train_item(samples, i, meta, cfg, rng)
+                           for i in order[start:start + cfg.batch]))
+        else:
+            xs, ys = [], []
+            for i in order[start:start + cfg.batch]:
+                image, mask = samples[i]
+                xs.append(prepare(image, meta)[0])
+                ys.append(_target(mask, meta)[None])
         yield torch.from_numpy(np.stack(xs)), torch.from_numpy(np.stack(ys))
+
+
+def calibration_inputs(samples, meta, cfg, rng):
+    """Yield the input batches of PTQ calibration (training crops, as before QAT)."""
+    for x, _ in batches(samples, meta, cfg, rng):
+        yield x
 
 
 def seg_loss(logits, target, dice_weight=1.0):
@@ -190,6 +205,11 @@ def seg_loss(logits, target, dice_weight=1.0):
     inter = (p * target).sum(dim=(1, 2, 3))
     dice = 1 - (2 * inter + 1) / (p.sum(dim=(1, 2, 3)) + target.sum(dim=(1, 2, 3)) + 1)
     return bce + dice_weight * dice.mean()
+
+
+def seg_loss_terms(logits, target, dice_weight=1.0):
+    """Return (loss x samples, samples): ``loop.fit`` pools it exactly over ranks."""
+    return seg_loss(logits, target, dice_weight) * target.shape[0], target.shape[0]
 
 
 def torch_sigmoid(x):
@@ -206,14 +226,15 @@ def evaluate(model, samples, meta, cfg) -> dict:
     tp = fp = fn = 0
     n = 0
     logit_t = math.log(cfg.threshold / (1 - cfg.threshold))
+    device = next(model.parameters()).device
     t0 = time.perf_counter()
     with torch.inference_mode():
         for i in range(len(samples) if not cfg.max_val else min(cfg.max_val, len(samples))):
             image, mask = samples[i]
             x, box = prepare(image, meta)
-            logits = model(torch.from_numpy(x)[None])
+            logits = model(torch.from_numpy(x)[None].to(device))
             up = F.interpolate(logits, size=(box.height, box.width), mode='bilinear',
-                               align_corners=False)[0, 0].numpy()
+                               align_corners=False)[0, 0].cpu().numpy()
             pred = np.zeros(mask.shape, bool)
             pred[box.top:box.bottom, box.left:box.right] = up > logit_t
             tp += int(np.count_nonzero(pred & mask))
@@ -226,68 +247,24 @@ def evaluate(model, samples, meta, cfg) -> dict:
             'seconds': round(time.perf_counter() - t0, 1)}
 
 
+def _loss(cfg, logits, y):
+    return seg_loss_terms(logits, y, cfg.dice_weight)
+
+
+TASK = TrainTask(name='seg', task='lane_segmentation', metadata=lane_metadata,
+                 samples=LaneSamples, item=train_item, calibration=calibration_inputs,
+                 loss=_loss, evaluate=evaluate)
+
+
 def train(cfg: SegTrainConfig, log=print) -> dict:
-    """Run one training job; returns the final metrics and checkpoint path."""
-    import torch
-    from ..models import checkpoint
-    from ..models.quant import calibrate
-    torch.set_num_threads(cfg.threads)
-    torch.manual_seed(cfg.seed)
-    random.seed(cfg.seed)
-    rng = np.random.default_rng(cfg.seed)
-    out = Path(cfg.out)
-    out.mkdir(parents=True, exist_ok=True)
-    name = out.name
-    meta = lane_metadata(cfg, name)
-    train_set, val_set = LaneSamples(cfg.data), LaneSamples(cfg.val)
-    if cfg.init:
-        model, init_meta = checkpoint.load_model(cfg.init, task='lane_segmentation')
-        meta = inherit_metadata(meta, init_meta)
-        if cfg.quant_bits and not init_meta['architecture'].get('quant'):
-            from ..models.quant import quantize_model, QuantConfig
-            quantize_model(model, QuantConfig(**meta['architecture']['quant']))
-            calib = []
-            for x, _ in batches(train_set, meta, cfg, rng):
-                if len(calib) >= cfg.calib_batches:
-                    break
-                calib.append(x)
-            calibrate(model, calib)
-    else:
-        model = checkpoint.build_model(meta['architecture'])
-    history = []
-    metrics = evaluate(model, val_set, meta, cfg) if cfg.init else {}
-    if metrics:
-        log(f'start: {metrics}')
-        history.append({'epoch': 0, **metrics})
-    if cfg.epochs > 0:
-        params = [p for p in model.parameters() if p.requires_grad]
-        opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        steps = cfg.epochs * math.ceil((cfg.max_train or len(train_set)) / cfg.batch)
-        sched = torch.optim.lr_scheduler.OneCycleLR(opt, max_lr=cfg.lr, total_steps=steps,
-                                                    pct_start=0.15 if not cfg.init else 0.05)
-        from tqdm import tqdm
-        for epoch in range(1, cfg.epochs + 1):
-            model.train()
-            total, count = 0.0, 0
-            bar = tqdm(batches(train_set, meta, cfg, rng), total=math.ceil(
-                (cfg.max_train or len(train_set)) / cfg.batch), desc=f'epoch {epoch}/{cfg.epochs}',
-                unit='batch', leave=False, disable=not sys.stderr.isatty())
-            for x, y in bar:
-                loss = seg_loss(model(x), y, cfg.dice_weight)
-                opt.zero_grad(set_to_none=True)
-                loss.backward()
-                opt.step()
-                sched.step()
-                total += loss.item() * x.shape[0]
-                count += x.shape[0]
-            metrics = evaluate(model, val_set, meta, cfg)
-            metrics['loss'] = round(total / max(count, 1), 4)
-            history.append({'epoch': epoch, **metrics})
-            log(f'epoch {epoch}: {metrics}')
-    meta['metrics'] = {'val': metrics, 'history': history}
-    meta['training']['config'] = json.loads(json.dumps(asdict(cfg)))
-    path = checkpoint.save(out / f'{name}.safetensors', model, meta)
-    return {'checkpoint': str(path), 'metrics': metrics}
+    """
+    Run one training job (alone, or as one rank under torchrun); see ``loop.fit``.
+
+    Returns the checkpoint path and the final metrics (on every rank), and 'stopped_at_step'
+    when the run stopped early with its state in ``RUN/last.safetensors``.
+    """
+    result = fit(TASK, cfg, log)
+    return {k: result[k] for k in ('checkpoint', 'metrics', 'stopped_at_step') if k in result}
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -313,7 +290,8 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
     p.add_argument('--max-val', type=int, default=0)
     p.add_argument('--max-train', type=int, default=0)
-    p.add_argument('--threads', type=int, default=2)
+    p.add_argument('--threads', type=int, default=2, help='torch threads per process')
+    add_run_arguments(p)
 
 
 def config_from_args(args) -> SegTrainConfig:
@@ -325,4 +303,4 @@ def config_from_args(args) -> SegTrainConfig:
         dice_weight=args.dice_weight, seed=args.seed, init=args.init,
         quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
         max_val=args.max_val,
-        max_train=args.max_train, threads=args.threads)
+        max_train=args.max_train, threads=args.threads, **run_arguments(args))

@@ -40,7 +40,8 @@ class PooledBatchNorm2d(nn.BatchNorm2d):
         c = x.shape[1]
         xd = x.double()
         count = xd.new_full((1,), x.numel() / c)
-        stats = _AllReduceSum.apply(torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count]))
+        local = torch.cat([xd.sum((0, 2, 3)), (xd * xd).sum((0, 2, 3)), count])
+        stats = _AllReduceSum.apply(local)
         n = stats[-1]
         mean = stats[:c] / n
         var = (stats[c:2 * c] / n - mean * mean).clamp(min=0)
