@@ -19,7 +19,8 @@ $(STAMP): requirements/runtime.txt requirements/dev.txt requirements/train.txt s
 	touch $(STAMP)
 
 demo: $(STAMP)
-	$(BIN)/lane-seg demo --out $(OUT)
+	$(BIN)/lane-seg run --params config/sim.yaml --duration 10 --out $(OUT)/nodes
+	$(BIN)/lane-seg demo --out $(OUT)/ground_truth --frames 40 --quiet
 
 test: $(STAMP)
 	$(BIN)/python -m pytest test
