@@ -118,6 +118,10 @@ def load_model(path, task=None):
             f'architecture: missing {result.missing_keys[:5]}, '
             f'unexpected {result.unexpected_keys[:5]}')
     _restore_quant_flags(model, info)
+    layer_bits = info.get('quantization', {}).get('layer_bits')
+    if layer_bits:
+        from .bitwidth import restore_layer_bits
+        restore_layer_bits(model, layer_bits)
     model.eval()
     return model, info
 

@@ -183,7 +183,9 @@ class QConv2d(nn.Conv2d):
         quant = self.input_quant()
         if quant is None or not bool(quant.calibrated) or not quant.enabled:
             return self.bias
-        step = (quant.scale.abs() + 1e-8) * self.weight_scale()
+        # The activation scale is learned by its own quantizer (LSQ); the bias path must not
+        # push it with an unscaled gradient, so the grid is a constant here.
+        step = (quant.scale.detach().abs() + 1e-8) * self.weight_scale()
         q = self.bias / step
         return (q + (torch.round(q) - q).detach()) * step
 
@@ -191,7 +193,11 @@ class QConv2d(nn.Conv2d):
         if torch.onnx.is_in_onnx_export():
             bias = self.frozen_bias if self.frozen_bias is not None else self.bias
             return self._conv_forward(x, self.quantized_weight(), bias)
-        return self._conv_forward(x, self.quantized_weight(), self.quantized_bias())
+        # Training keeps the float bias (its int32 grid is ~1e-5 of the output range and its
+        # rounding would only add discontinuities); evaluation and export use the integer
+        # kernels' rounded bias, so torch and the deployed engines compute the same numbers.
+        bias = self.bias if self.training else self.quantized_bias()
+        return self._conv_forward(x, self.quantized_weight(), bias)
 
 
 def fold_batchnorm(model: nn.Module) -> nn.Module:

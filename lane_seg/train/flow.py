@@ -43,6 +43,12 @@ class FlowTrainConfig:
     quant_bits: int = 0
     act_bits: int = 0
     quant_scheme: str = 'ours'   # 'ours' or 'study' (see models.quant)
+    learn_bits: str = ''         # '', 'uniform' or 'per_layer' (issue #8)
+    bits_hardware: str = 'size'  # 'sum_bits', 'size' or 'bitops'
+    bits_lambda: float = 0.97
+    bits_alpha: float = 4.0
+    bits_lr: float = 0.05
+    bits_every: int = 1
     calib_batches: int = 16
     max_val: int = 0
     max_train: int = 0
@@ -225,7 +231,9 @@ def train(cfg: FlowTrainConfig, log=print) -> dict:
     Returns the checkpoint path and the final metrics (on every rank), and 'stopped_at_step'
     when the run stopped early with its state in ``RUN/last.safetensors``.
     """
-    result = fit(TASK, cfg, log)
+    from .bits_hook import LearnBitsHook
+    hooks = [LearnBitsHook(cfg)] if cfg.learn_bits else []
+    result = fit(TASK, cfg, log, hooks=hooks)
     return {k: result[k] for k in ('checkpoint', 'metrics', 'stopped_at_step') if k in result}
 
 
@@ -245,6 +253,13 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--quant-bits', type=int, default=0)
     p.add_argument('--act-bits', type=int, default=0)
     p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
+    p.add_argument('--learn-bits', choices=['', 'uniform', 'per_layer'], default='',
+                   help='learn bit widths (2..8) with a hardware loss (needs --quant-bits)')
+    p.add_argument('--bits-hardware', choices=['sum_bits', 'size', 'bitops'], default='size')
+    p.add_argument('--bits-lambda', type=float, default=0.97)
+    p.add_argument('--bits-alpha', type=float, default=4.0)
+    p.add_argument('--bits-lr', type=float, default=0.05)
+    p.add_argument('--bits-every', type=int, default=1)
     p.add_argument('--max-val', type=int, default=0)
     p.add_argument('--max-train', type=int, default=0)
     p.add_argument('--threads', type=int, default=2, help='torch threads per process')
@@ -257,5 +272,8 @@ def config_from_args(args) -> FlowTrainConfig:
         arch={'width': args.width, 'levels': args.levels}, crop=tuple(args.crop),
         epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
         quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
+        learn_bits=args.learn_bits, bits_hardware=args.bits_hardware,
+        bits_lambda=args.bits_lambda, bits_alpha=args.bits_alpha, bits_lr=args.bits_lr,
+        bits_every=args.bits_every,
         max_val=args.max_val, max_train=args.max_train, threads=args.threads,
         **run_arguments(args))

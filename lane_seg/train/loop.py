@@ -423,12 +423,14 @@ class _Run:
         self.act_quants = act_quantizers(self.model) if env.distributed else []
         params = [p for p in self.model.parameters() if p.requires_grad]
         self.opt = torch.optim.AdamW(params, lr=cfg.lr, weight_decay=cfg.weight_decay)
-        total = cfg.epochs * self.steps_per_epoch
-        # Warm-up fraction, at least two steps each way (OneCycleLR divides by the phase
-        # lengths, which must not be zero on very short runs).
-        pct = min(max(0.15 if not cfg.init else 0.05, 2.0 / max(total, 1)), 0.5)
+        total = max(cfg.epochs * self.steps_per_epoch, 1)
+        pct = 0.15 if not cfg.init else 0.05
+        if abs(pct * total - 1.0) < 1e-9 or pct * total >= total - 1:
+            # OneCycleLR divides by the warm-up length (pct * total - 1): a warm-up of exactly
+            # one step is a division by zero (e.g. 20 steps at 5 %), so take two.
+            pct = min(2.0 / total, 0.5)
         self.sched = torch.optim.lr_scheduler.OneCycleLR(
-            self.opt, max_lr=cfg.lr, total_steps=max(total, 4), pct_start=pct)
+            self.opt, max_lr=cfg.lr, total_steps=total, pct_start=pct)
         if saved is not None:
             checkpoint.restore_optimizer(self.opt, saved['tensors'], saved['info'])
             self.sched.load_state_dict(saved['scheduler'])

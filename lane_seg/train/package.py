@@ -38,9 +38,13 @@ def export_models(float_ckpt, int8_ckpt, out, name, extra_metrics=None) -> dict:
             export_onnx(model, meta, path)
             written['fp32_onnx'] = path
         else:
-            freeze_for_export(model)
             qdq = out / f'{name}_int8_qdq.onnx'
-            export_onnx(model, meta, qdq)
+            if meta.get('quantization', {}).get('layer_bits'):
+                from ..models.bitwidth import export_learned
+                export_learned(model, meta, qdq)   # learned widths: int8 containers
+            else:
+                freeze_for_export(model)
+                export_onnx(model, meta, qdq)
             problems = check_tensorrt_qdq(qdq)
             if problems:
                 raise ValueError(f'{qdq} breaks TensorRT Q/DQ rules: ' + '; '.join(problems))
