@@ -36,26 +36,42 @@ def run(task, float_ckpt, out, bits, schemes, qat_epochs, max_train, max_val, da
                          quant_scheme=scheme, epochs=0, max_val=max_val,
                          out=str(out / 'runs' / f'{name}_ptq'))
             ptq = train(cfg, log=lambda m: None)
-            cfg.epochs = qat_epochs
-            cfg.max_train = max_train
-            cfg.lr = 5e-4
-            cfg.out = str(out / 'runs' / f'{name}_qat')
-            qat = train(cfg, log=lambda m: None)
-            row = {'scheme': scheme, 'bits': b, 'ptq': ptq['metrics'][metric],
-                   'qat': qat['metrics'][metric]}
+            row = {'scheme': scheme, 'bits': b, 'ptq': ptq['metrics'][metric], 'qat': None}
+            if qat_epochs > 0:
+                cfg.epochs = qat_epochs
+                cfg.max_train = max_train
+                cfg.lr = 5e-4
+                cfg.out = str(out / 'runs' / f'{name}_qat')
+                row['qat'] = train(cfg, log=lambda m: None)['metrics'][metric]
             rows.append(row)
             print(json.dumps(row), flush=True)
     (out / 'results.json').write_text(json.dumps(
         {'task': task, 'metric': metric, 'float_checkpoint': str(float_ckpt),
          'qat_epochs': qat_epochs, 'max_train': max_train, 'max_val': max_val,
          'rows': rows}, indent=2) + '\n')
-    lines = [f'| scheme | bits (w/a) | {metric} PTQ | {metric} QAT |', '|---|---|---|---|']
+    write_report(out)
+    return rows
+
+
+def write_report(out):
+    """Table and plot from ``results.json`` (also: ``--replot`` after editing nothing)."""
+    out = Path(out)
+    data = json.loads((out / 'results.json').read_text())
+    rows, metric = data['rows'], data['metric']
+    if not data.get('qat_epochs'):
+        for r in rows:   # 0 QAT epochs: the QAT column is not a measurement
+            r['qat'] = r['ptq'] if r['scheme'] == 'float' else None
+    qat = any(r['qat'] is not None and r['scheme'] != 'float' for r in rows)
+    head = f'| scheme | bits (w/a) | {metric} PTQ |' + (f' {metric} QAT |' if qat else '')
+    lines = [head, '|---|---|---|' + ('---|' if qat else '')]
     for r in rows:
         bits_label = 'float32' if r['bits'] == 32 else f"{r['bits']}/{r['bits']}"
-        lines.append(f"| {r['scheme']} | {bits_label} | {r['ptq']:.4f} | {r['qat']:.4f} |")
+        cells = [r['scheme'], bits_label, f"{r['ptq']:.4f}"]
+        if qat:
+            cells.append(f"{r['qat']:.4f}" if r['qat'] is not None else 'n/a')
+        lines.append('| ' + ' | '.join(cells) + ' |')
     (out / 'table.md').write_text('\n'.join(lines) + '\n')
     plot(rows, metric, out / 'bits.png')
-    return rows
 
 
 def plot(rows, metric, path):
@@ -63,11 +79,12 @@ def plot(rows, metric, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, ax = plt.subplots(figsize=(6, 4), dpi=110)
-    float_value = next(r['qat'] for r in rows if r['scheme'] == 'float')
+    float_value = next(r['ptq'] for r in rows if r['scheme'] == 'float')
     ax.axhline(float_value, color='k', lw=1, ls='--', label='float32')
     for scheme in sorted({r['scheme'] for r in rows} - {'float'}):
         pts = sorted((r['bits'], r['ptq'], r['qat']) for r in rows if r['scheme'] == scheme)
-        ax.plot([p[0] for p in pts], [p[2] for p in pts], 'o-', label=f'{scheme} QAT')
+        if all(p[2] is not None for p in pts):
+            ax.plot([p[0] for p in pts], [p[2] for p in pts], 'o-', label=f'{scheme} QAT')
         ax.plot([p[0] for p in pts], [p[1] for p in pts], 'x:', label=f'{scheme} PTQ')
     ax.set_xlabel('bits (weights = activations)')
     ax.set_ylabel(metric.upper() + (' (lower is better)' if metric == 'epe' else ''))
@@ -80,7 +97,9 @@ def plot(rows, metric, path):
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument('task', choices=['seg', 'flow'])
-    p.add_argument('--float', required=True)
+    p.add_argument('--float', default=None)
+    p.add_argument('--replot', action='store_true', help='rewrite table and plot from '
+                   'results.json in --out')
     p.add_argument('--out', required=True)
     p.add_argument('--bits', type=int, nargs='+', default=[8, 6, 5, 4, 3, 2])
     p.add_argument('--schemes', nargs='+', default=['ours'])
@@ -90,6 +109,9 @@ def main():
     p.add_argument('--data', default='cache:/work/cache/train')
     p.add_argument('--val', default='cache:/work/cache/val')
     a = p.parse_args()
+    if a.replot:
+        write_report(a.out)
+        return
     run(a.task, a.float, a.out, a.bits, a.schemes, a.qat_epochs, a.max_train, a.max_val,
         a.data, a.val)
 
