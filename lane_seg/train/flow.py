@@ -10,8 +10,6 @@ The loop (torchrun / DistributedDataParallel, resumable checkpoints, workers) is
 
 import argparse
 from dataclasses import dataclass, field
-import shlex
-import sys
 import time
 
 import cv2
@@ -19,7 +17,7 @@ import numpy as np
 
 from .cache import FrameCache
 from .loop import add_run_arguments, fit, run_arguments, TrainTask
-from .seg import LANE_NORMALIZATION, quant_metadata
+from .seg import LANE_NORMALIZATION, run_metadata
 from ..data import open_flow_dataset
 from ..pipeline.preprocess import prepare
 
@@ -64,7 +62,6 @@ class FlowTrainConfig:
 def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
     from ..models.flownet import FLOW_DIV
     h, w = cfg.input_size
-    bits = cfg.quant_bits
     return {
         'format': 'lane_seg.model/1', 'task': 'optical_flow', 'name': name,
         'inputs': [{'name': 'frames', 'shape': [1, 6, h, w], 'layout': 'NCHW',
@@ -74,15 +71,7 @@ def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
                      'direction': 'forward: previous -> current'}],
         'color_order': 'RGB', 'normalization': dict(LANE_NORMALIZATION),
         'roi': {'top': 0.0, 'bottom': 1.0, 'left': 0.0, 'right': 1.0},
-        'quantization': quant_metadata(bits, cfg.act_bits or bits),
-        'training': {'data': cfg.data, 'seed': cfg.seed, 'epochs': cfg.epochs,
-                     'command': 'lane-seg train flow ' + shlex.join(sys.argv[3:])},
-        'metrics': {}, 'weights_sha256': '',
-        'architecture': {'type': 'flownets', 'config': dict(cfg.arch),
-                         'quant': ({'weight_bits': bits, 'act_bits': cfg.act_bits or bits,
-                                    'per_channel': True, 'learn_scales': True,
-                                    'scheme': cfg.quant_scheme}
-                                   if bits else None)},
+        **run_metadata(cfg, 'flow', 'flownets'),
     }
 
 

@@ -104,7 +104,6 @@ def inherit_metadata(meta: dict, init_meta: dict) -> dict:
 def lane_metadata(cfg: SegTrainConfig, name: str) -> dict:
     h, w = cfg.input_size
     out_stride = 2 if cfg.arch.get('variant', 'fast') == 'fast' else 1
-    bits = cfg.quant_bits
     return {
         'format': 'lane_seg.model/1', 'task': 'lane_segmentation', 'name': name,
         'inputs': [{'name': 'image', 'shape': [1, 3, h, w], 'layout': 'NCHW',
@@ -113,11 +112,19 @@ def lane_metadata(cfg: SegTrainConfig, name: str) -> dict:
                      'kind': 'logits'}],
         'color_order': 'RGB', 'normalization': dict(LANE_NORMALIZATION),
         'roi': dict(cfg.roi), 'threshold': cfg.threshold,
+        **run_metadata(cfg, 'seg', 'unet'),
+    }
+
+
+def run_metadata(cfg, verb: str, arch_type: str) -> dict:
+    """Metadata entries every trained model shares: quantization, training, architecture."""
+    bits = cfg.quant_bits
+    return {
         'quantization': quant_metadata(bits, cfg.act_bits or bits),
         'training': {'data': cfg.data, 'seed': cfg.seed, 'epochs': cfg.epochs,
-                     'command': 'lane-seg train seg ' + shlex.join(sys.argv[3:])},
+                     'command': f'lane-seg train {verb} ' + shlex.join(sys.argv[3:])},
         'metrics': {}, 'weights_sha256': '',
-        'architecture': {'type': 'unet', 'config': dict(cfg.arch),
+        'architecture': {'type': arch_type, 'config': dict(cfg.arch),
                          'quant': ({'weight_bits': bits, 'act_bits': cfg.act_bits or bits,
                                     'per_channel': True, 'learn_scales': True,
                                     'scheme': cfg.quant_scheme}
