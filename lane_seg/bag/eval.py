@@ -103,7 +103,8 @@ class _Stream:
         self.repeats = 0
 
     def items(self):
-        seen, last = set(), None
+        # counted on the first topic only: a truth flow and its validity mask share a stamp
+        seen, last, primary = set(), None, self.topics[0] if self.topics else None
         with BagReader(self.path) as bag:
             for m in bag.messages(self.topics):
                 try:
@@ -115,12 +116,13 @@ class _Stream:
                 stamp = header_stamp_ns(msg)
                 if stamp is None:
                     continue
-                if last is not None and stamp < last:
-                    self.stamps_back += 1
-                if stamp in seen:
-                    self.repeats += 1
-                seen.add(stamp)
-                last = stamp
+                if m.topic == primary:
+                    if last is not None and stamp < last:
+                        self.stamps_back += 1
+                    if stamp in seen:
+                        self.repeats += 1
+                    seen.add(stamp)
+                    last = stamp
                 yield stamp, (m.topic, msg, m.timestamp)
             self.warnings.extend(bag.warnings)
 
@@ -372,6 +374,9 @@ def _run_lanes(pipe):
 
 
 def _run_flow(fp):
+    if hasattr(fp, 'reset'):   # a pipeline used before: forget its last frame
+        fp.reset('bag eval start')
+
     def run(image, encoding, stamp_s):
         res = fp(image, encoding, stamp_s)
         if res is None or isinstance(res, np.ndarray):

@@ -16,8 +16,8 @@ import cv2
 import numpy as np
 
 from .cache import FrameCache
-from .loop import add_run_arguments, fit, run_arguments, TrainTask
-from .seg import LANE_NORMALIZATION, run_metadata
+from .loop import fit, TrainTask
+from .seg import add_common_arguments, common_config, LANE_NORMALIZATION, run_metadata
 from ..data import open_flow_dataset
 from ..pipeline.preprocess import prepare
 
@@ -237,32 +237,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--batch', type=int, default=d.batch)
     p.add_argument('--lr', type=float, default=d.lr)
     p.add_argument('--crop', type=int, nargs=2, default=d.crop)
-    p.add_argument('--seed', type=int, default=d.seed)
-    p.add_argument('--init', default='')
-    p.add_argument('--quant-bits', type=int, default=0)
-    p.add_argument('--act-bits', type=int, default=0)
-    p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
-    p.add_argument('--learn-bits', choices=['', 'uniform', 'per_layer'], default='',
-                   help='learn bit widths (2..8) with a hardware loss (needs --quant-bits)')
-    p.add_argument('--bits-hardware', choices=['sum_bits', 'size', 'bitops'], default='size')
-    p.add_argument('--bits-lambda', type=float, default=0.97)
-    p.add_argument('--bits-alpha', type=float, default=4.0)
-    p.add_argument('--bits-lr', type=float, default=0.05)
-    p.add_argument('--bits-every', type=int, default=1)
-    p.add_argument('--max-val', type=int, default=0)
-    p.add_argument('--max-train', type=int, default=0)
-    p.add_argument('--threads', type=int, default=2, help='torch threads per process')
-    add_run_arguments(p)
+    add_common_arguments(p, d)
 
 
 def config_from_args(args) -> FlowTrainConfig:
     return FlowTrainConfig(
         data=args.data, val=args.val, out=args.out,
         arch={'width': args.width, 'levels': args.levels}, crop=tuple(args.crop),
-        epochs=args.epochs, batch=args.batch, lr=args.lr, seed=args.seed, init=args.init,
-        quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
-        learn_bits=args.learn_bits, bits_hardware=args.bits_hardware,
-        bits_lambda=args.bits_lambda, bits_alpha=args.bits_alpha, bits_lr=args.bits_lr,
-        bits_every=args.bits_every,
-        max_val=args.max_val, max_train=args.max_train, threads=args.threads,
-        **run_arguments(args))
+        epochs=args.epochs, batch=args.batch, lr=args.lr, **common_config(args))

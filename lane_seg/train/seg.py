@@ -297,6 +297,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--lr', type=float, default=d.lr)
     p.add_argument('--dice-weight', type=float, default=d.dice_weight)
     p.add_argument('--crop', type=int, nargs=2, default=d.crop)
+    add_common_arguments(p, d)
+
+
+def add_common_arguments(p: argparse.ArgumentParser, d):
+    """Arguments both trainers share: seed, fine-tuning, quantization, limits, run control."""
     p.add_argument('--seed', type=int, default=d.seed)
     p.add_argument('--init', default='', help='start from this checkpoint (fine-tune)')
     p.add_argument('--quant-bits', type=int, default=0, help='fake-quantize (2..8); with '
@@ -316,16 +321,21 @@ def add_arguments(p: argparse.ArgumentParser):
     add_run_arguments(p)
 
 
+def common_config(args) -> dict:
+    """Config fields of ``add_common_arguments`` (plus the run-control ones)."""
+    return dict(
+        seed=args.seed, init=args.init, quant_bits=args.quant_bits, act_bits=args.act_bits,
+        quant_scheme=args.quant_scheme, learn_bits=args.learn_bits,
+        bits_hardware=args.bits_hardware, bits_lambda=args.bits_lambda,
+        bits_alpha=args.bits_alpha, bits_lr=args.bits_lr, bits_every=args.bits_every,
+        max_val=args.max_val, max_train=args.max_train, threads=args.threads,
+        **run_arguments(args))
+
+
 def config_from_args(args) -> SegTrainConfig:
     return SegTrainConfig(
         data=args.data, val=args.val, out=args.out,
         arch={'levels': args.levels, 'base': args.base, 'variant': args.variant,
               'separable': args.separable},
         crop=tuple(args.crop), epochs=args.epochs, batch=args.batch, lr=args.lr,
-        dice_weight=args.dice_weight, seed=args.seed, init=args.init,
-        quant_bits=args.quant_bits, act_bits=args.act_bits, quant_scheme=args.quant_scheme,
-        learn_bits=args.learn_bits, bits_hardware=args.bits_hardware,
-        bits_lambda=args.bits_lambda, bits_alpha=args.bits_alpha, bits_lr=args.bits_lr,
-        bits_every=args.bits_every,
-        max_val=args.max_val,
-        max_train=args.max_train, threads=args.threads, **run_arguments(args))
+        dice_weight=args.dice_weight, **common_config(args))

@@ -1,0 +1,518 @@
+#!/usr/bin/env python3
+"""
+Soak test of the node pipeline against issue 6's system targets.
+
+Starts ``camera_sim_node`` (800x600 ``bgra8``, 30 Hz, a short pre-rendered loop so that
+rendering happens once up front), ``lane_seg_node`` and ``flow_node`` (int8 models, ONNX
+Runtime) as separate processes from the console scripts in the virtual environment, listens to
+``/diagnostics`` and both nodes' outputs from its own rclpy node for DURATION seconds, samples
+every process's RSS, then stops the processes (SIGINT, then SIGTERM) and writes
+``docs/bench/node_soak.json``, ``docs/bench/node_soak.md`` and ``docs/bench/node_soak.png``.
+
+Targets (issue 6): no growing backlog; end-to-end p95 within the node's own processing time
+(sum of its stage p50s) plus 5 ms; the whole system's RSS stable over the run.
+
+    .venv/bin/python docs/scripts/node_soak.py [--duration 600] [--threads 1]
+"""
+
+import argparse
+import json
+import os
+import platform
+import signal
+import statistics
+import struct
+import subprocess
+import sys
+import time
+
+from diagnostic_msgs.msg import DiagnosticArray
+import rclpy
+from rclpy.executors import SingleThreadedExecutor
+from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
+from sensor_msgs.msg import Image
+
+ROOT = os.path.dirname(os.path.dirname(os.path.dirname(os.path.abspath(__file__))))
+BIN = os.path.dirname(sys.executable)
+CAMERA_TOPIC = '/carla/ego_vehicle/rgb_front/image'
+NODES = ('lane_seg_node', 'flow_node')
+OUTPUTS = {'lane_seg_node': '/lane_seg_node/mask', 'flow_node': '/flow_node/flow'}
+MODELS = {'lane_seg_node': 'models/lane_unet_int8_ort.onnx',
+          'flow_node': 'models/flow_int8_ort.onnx'}
+STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
+MARGIN_MS = 5.0
+
+
+def parse_args(argv=None):
+    parser = argparse.ArgumentParser(description=__doc__.split('\n\n')[0].strip())
+    parser.add_argument('--duration', type=float, default=600.0,
+                        help='seconds measured after the warm-up (default 600)')
+    parser.add_argument('--warmup', type=float, default=15.0,
+                        help='seconds after both nodes run at the camera rate (default 15)')
+    parser.add_argument('--threads', type=int, default=1,
+                        help='engine threads per node (default 1: 3 processes share 2 cores)')
+    parser.add_argument('--rate', type=float, default=30.0, help='camera rate (Hz)')
+    parser.add_argument('--loop-frames', type=int, default=30)
+    parser.add_argument('--rss-period', type=float, default=10.0)
+    parser.add_argument('--domain-id', type=int, default=73,
+                        help='ROS_DOMAIN_ID of the soak, away from other runs on the machine')
+    parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'bench'))
+    parser.add_argument('--name', default='node_soak')
+    return parser.parse_args(argv)
+
+
+def node_commands(args):
+    remap = ['-r', f'image:={CAMERA_TOPIC}']
+    camera = [os.path.join(BIN, 'camera_sim_node'), '--ros-args',
+              '-p', 'width:=800', '-p', 'height:=600', '-p', f'rate_hz:={float(args.rate)!r}',
+              '-p', f'loop_frames:={args.loop_frames}', '-p', 'publish_ground_truth:=false']
+    cmds = {'camera_sim_node': camera}
+    for node in NODES:
+        cmds[node] = [os.path.join(BIN, node), '--ros-args', '-p', 'backend:=onnxruntime',
+                      '-p', f'model_path:={os.path.join(ROOT, MODELS[node])}',
+                      '-p', f'threads:={args.threads}'] + remap
+    return cmds
+
+
+def rss_mb(pid):
+    """Resident set size of a process in MiB from /proc (psutil is not installed)."""
+    try:
+        with open(f'/proc/{pid}/status') as f:
+            for line in f:
+                if line.startswith('VmRSS:'):
+                    return int(line.split()[1]) / 1024.0
+    except OSError:
+        return None
+    return None
+
+
+def machine_info():
+    model = ''
+    try:
+        with open('/proc/cpuinfo') as f:
+            for line in f:
+                if line.startswith('model name'):
+                    model = line.split(':', 1)[1].strip()
+                    break
+    except OSError:
+        pass
+    mem_gb = None
+    try:
+        with open('/proc/meminfo') as f:
+            mem_gb = round(int(f.readline().split()[1]) / 2 ** 20, 1)
+    except (OSError, ValueError, IndexError):
+        pass
+    affinity = len(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else None
+    return {'cpu': model, 'cpus_usable': affinity, 'cpus_total': os.cpu_count(),
+            'memory_gib': mem_gb, 'platform': platform.platform(),
+            'python': platform.python_version()}
+
+
+def header_stamp_ns(raw: bytes):
+    """Header stamp of a serialized (CDR) message that starts with a std_msgs/Header."""
+    if len(raw) < 12:
+        return None
+    endian = '<' if raw[1] & 1 else '>'
+    sec, nsec = struct.unpack_from(endian + 'iI', raw, 4)
+    return sec * 1_000_000_000 + nsec
+
+
+def to_float(value):
+    try:
+        return float(value)
+    except (TypeError, ValueError):
+        return float('nan')
+
+
+class Listener:
+    """The soak's own node: diagnostics and output ages (raw messages, no deserialization)."""
+
+    def __init__(self):
+        self.node = rclpy.create_node('node_soak')
+        self.latest = {}  # node name -> dict of diagnostic values
+        self.ages = {n: [] for n in NODES}  # (receive monotonic s, age ms)
+        self.recording = False
+        self.node.create_subscription(DiagnosticArray, '/diagnostics', self._on_diag, 50)
+        qos = QoSProfile(history=HistoryPolicy.KEEP_LAST, depth=5,
+                         reliability=ReliabilityPolicy.RELIABLE)
+        for node, topic in OUTPUTS.items():
+            self.node.create_subscription(Image, topic, self._age_cb(node), qos, raw=True)
+
+    def _on_diag(self, msg):
+        for status in msg.status:
+            name = status.hardware_id.split('/')[-1]
+            if name in NODES:
+                values = {kv.key: kv.value for kv in status.values}
+                values['_level'] = int.from_bytes(status.level, 'little') \
+                    if isinstance(status.level, bytes) else int(status.level)
+                values['_message'] = status.message
+                self.latest[name] = values
+
+    def _age_cb(self, node):
+        def callback(raw):
+            now_ns = time.time_ns()
+            stamp = header_stamp_ns(raw)
+            if stamp is not None and self.recording:
+                self.ages[node].append((time.monotonic(), (now_ns - stamp) / 1e6))
+        return callback
+
+
+def diag_sample(values):
+    stage_p50 = {s: to_float(values.get(f'{s}_ms.p50')) for s in STAGES}
+    return {
+        'e2e_p50_ms': to_float(values.get('end_to_end_ms.p50')),
+        'e2e_p95_ms': to_float(values.get('end_to_end_ms.p95')),
+        'e2e_p99_ms': to_float(values.get('end_to_end_ms.p99')),
+        'e2e_max_ms': to_float(values.get('end_to_end_ms.max')),
+        'stage_p50_ms': stage_p50,
+        'processing_ms': sum(v for v in stage_p50.values() if v == v),
+        'input_rate_hz': to_float(values.get('input_rate_hz')),
+        'output_rate_hz': to_float(values.get('output_rate_hz')),
+        'frames_received': int(to_float(values.get('frames_received', 0)) or 0),
+        'frames_processed': int(to_float(values.get('frames_processed', 0)) or 0),
+        'frames_dropped': int(to_float(values.get('frames_dropped', 0)) or 0),
+        'frames_rejected': int(to_float(values.get('frames_rejected', 0)) or 0),
+        'level': values.get('_level'),
+        'message': values.get('_message'),
+    }
+
+
+def stop(procs, timeout_s=10.0):
+    codes = {}
+    for name, proc in procs.items():
+        if proc.poll() is None:
+            proc.send_signal(signal.SIGINT)
+    deadline = time.monotonic() + timeout_s
+    for name, proc in procs.items():
+        try:
+            proc.wait(timeout=max(deadline - time.monotonic(), 0.1))
+            codes[name] = {'returncode': proc.returncode, 'how': 'SIGINT'}
+        except subprocess.TimeoutExpired:
+            proc.terminate()
+            try:
+                proc.wait(timeout=5.0)
+                codes[name] = {'returncode': proc.returncode, 'how': 'SIGTERM'}
+            except subprocess.TimeoutExpired:
+                proc.kill()
+                proc.wait()
+                codes[name] = {'returncode': proc.returncode, 'how': 'SIGKILL'}
+    return codes
+
+
+def median(values):
+    values = [v for v in values if v == v]
+    return statistics.median(values) if values else float('nan')
+
+
+def pct(values, q):
+    values = sorted(v for v in values if v == v)
+    if not values:
+        return float('nan')
+    return values[min(len(values) - 1, int(round(q / 100.0 * (len(values) - 1))))]
+
+
+def analyse(samples, ages, rss, t_end):
+    """Per-node summary and the three targets."""
+    result = {'nodes': {}, 'targets': {}}
+    latency_ok = True
+    backlog_ok = True
+    for node in NODES:
+        rows = [s[node] for s in samples if node in s]
+        # the node's statistics window is 10 s: every 10th 1 Hz sample is independent
+        windows = rows[::10]
+        within = [r['e2e_p95_ms'] <= r['processing_ms'] + MARGIN_MS for r in windows]
+        first_t = ages[node][0][0] if ages[node] else 0.0
+        first = [a for t, a in ages[node] if t - first_t < 60.0]
+        last = [a for t, a in ages[node] if t >= t_end - 60.0]
+        last_row = rows[-1] if rows else {}
+        first_row = rows[0] if rows else {}
+        e2e_p95 = median(r['e2e_p95_ms'] for r in windows)
+        processing = median(r['processing_ms'] for r in windows)
+        received = last_row.get('frames_received', 0) - first_row.get('frames_received', 0)
+        dropped = last_row.get('frames_dropped', 0) - first_row.get('frames_dropped', 0)
+        summary = {
+            'e2e_p50_ms_median': median(r['e2e_p50_ms'] for r in windows),
+            'e2e_p95_ms_median': e2e_p95,
+            'e2e_p95_ms_max_window': max((r['e2e_p95_ms'] for r in windows), default=None),
+            'processing_ms_median': processing,
+            'stage_p50_ms_median': {s: median(r['stage_p50_ms'][s] for r in windows)
+                                    for s in STAGES},
+            'input_rate_hz_median': median(r['input_rate_hz'] for r in windows),
+            'output_rate_hz_median': median(r['output_rate_hz'] for r in windows),
+            'frames_received': received,
+            'frames_dropped': dropped,
+            'dropped_fraction': dropped / received if received else None,
+            'frames_rejected': last_row.get('frames_rejected', 0)
+            - first_row.get('frames_rejected', 0),
+            'windows': len(windows),
+            'windows_within_target': sum(within),
+            'output_age_ms': {
+                'count': len(ages[node]),
+                'p50': median(a for _, a in ages[node]),
+                'p95': pct([a for _, a in ages[node]], 95),
+                'max': max((a for _, a in ages[node]), default=None),
+                'first_minute_p50': median(first), 'first_minute_p95': pct(first, 95),
+                'last_minute_p50': median(last), 'last_minute_p95': pct(last, 95),
+            },
+        }
+        age = summary['output_age_ms']
+        growth = age['last_minute_p50'] - age['first_minute_p50']
+        age['growth_p50_ms'] = growth
+        node_backlog_ok = growth == growth and growth <= 5.0
+        node_latency_ok = e2e_p95 == e2e_p95 and e2e_p95 <= processing + MARGIN_MS
+        summary['backlog_ok'] = node_backlog_ok
+        summary['latency_ok'] = node_latency_ok
+        backlog_ok &= node_backlog_ok
+        latency_ok &= node_latency_ok
+        result['nodes'][node] = summary
+    rss_summary = {}
+    totals = [sum(v for v in r['rss_mb'].values() if v is not None) for r in rss]
+    for name in (rss[0]['rss_mb'] if rss else {}):
+        series = [r['rss_mb'].get(name) for r in rss if r['rss_mb'].get(name) is not None]
+        if series:
+            rss_summary[name] = {'first': series[0], 'last': series[-1], 'max': max(series)}
+    total_first = median(totals[:6])  # first minute
+    total_last = median(totals[-6:])  # last minute
+    growth = total_last - total_first
+    limit = max(5.0, 0.02 * total_first) if total_first == total_first else float('nan')
+    rss_summary['system'] = {'first': totals[0] if totals else None,
+                             'last': totals[-1] if totals else None,
+                             'max': max(totals) if totals else None,
+                             'first_minute_median': total_first,
+                             'last_minute_median': total_last, 'growth_mb': growth,
+                             'allowed_growth_mb': limit}
+    result['rss'] = rss_summary
+    result['targets'] = {
+        'no_growing_backlog': {
+            'met': bool(backlog_ok),
+            'rule': 'output message age (receive time - header stamp) p50 in the last minute '
+                    'at most 5 ms above the first minute, for both nodes'},
+        'e2e_p95_within_processing_plus_5ms': {
+            'met': bool(latency_ok),
+            'rule': 'median over 10 s windows of the end-to-end p95 <= median of the sum of '
+                    'stage p50s + 5 ms, for both nodes'},
+        'rss_stable': {
+            'met': bool(growth == growth and growth <= limit),
+            'rule': 'whole-system RSS (sum of the three node processes) median of the last '
+                    'minute at most max(5 MiB, 2 %) above the first minute'},
+    }
+    return result
+
+
+def fmt(value, digits=1):
+    if value is None or value != value:
+        return 'n/a'
+    return f'{value:.{digits}f}'
+
+
+def write_markdown(path, report):
+    res = report['result']
+    lines = ['# Node soak: camera_sim_node + lane_seg_node + flow_node', '',
+             'Issue 6 targets, measured by `docs/scripts/node_soak.py` (separate processes, '
+             'console scripts from `.venv/bin`, ONNX Runtime, int8 models).', '',
+             '## Machine', '']
+    for key, value in report['machine'].items():
+        lines.append(f'- {key}: {value}')
+    lines += ['', '## Command', '', '```bash', report['command'], '```', '',
+              'Node processes:', '', '```bash']
+    lines += [' '.join(cmd) for cmd in report['node_commands'].values()]
+    lines += ['```', '',
+              f'Measured for {fmt(report["measured_s"], 0)} s after '
+              f'{fmt(report["warmup_s"], 0)} s of start-up and warm-up; camera at '
+              f'{report["args"]["rate"]:g} Hz, 800x600 `bgra8`, {report["args"]["loop_frames"]} '
+              f'pre-rendered frames looped; engine threads {report["args"]["threads"]} per node; '
+              'overlay and flow_vis on (the defaults).', '', '## Targets', '',
+              '| target | rule | measured | met |', '|---|---|---|---|']
+    t = res['targets']
+    n = res['nodes']
+    backlog = '; '.join(
+        f'{k}: age p50 {fmt(v["output_age_ms"]["first_minute_p50"])} -> '
+        f'{fmt(v["output_age_ms"]["last_minute_p50"])} ms' for k, v in n.items())
+    latency = '; '.join(
+        f'{k}: p95 {fmt(v["e2e_p95_ms_median"])} ms vs {fmt(v["processing_ms_median"])} + 5 '
+        f'ms ({v["windows_within_target"]}/{v["windows"]} windows within)'
+        for k, v in n.items())
+    s = res['rss']['system']
+    rss = (f'{fmt(s["first_minute_median"])} -> {fmt(s["last_minute_median"])} MiB '
+           f'(growth {fmt(s["growth_mb"])}, allowed {fmt(s["allowed_growth_mb"])})')
+    for key, measured in (('no_growing_backlog', backlog),
+                          ('e2e_p95_within_processing_plus_5ms', latency),
+                          ('rss_stable', rss)):
+        lines.append(f'| {key} | {t[key]["rule"]} | {measured} | '
+                     f'{"met" if t[key]["met"] else "NOT met"} |')
+    lines += ['', '## Per node (medians over 10 s windows)', '',
+              '| node | e2e p50 | e2e p95 | processing (sum of stage p50s) | conversion | '
+              'preprocess | inference | postprocess | publish | in Hz | out Hz | received | '
+              'dropped | rejected | output age p50 / p95 / max |',
+              '|---|' + '---|' * 14]
+    for k, v in n.items():
+        st = v['stage_p50_ms_median']
+        a = v['output_age_ms']
+        lines.append(
+            f'| {k} | {fmt(v["e2e_p50_ms_median"])} | {fmt(v["e2e_p95_ms_median"])} | '
+            f'{fmt(v["processing_ms_median"])} | '
+            + ' | '.join(fmt(st[x], 2) for x in STAGES)
+            + f' | {fmt(v["input_rate_hz_median"])} | {fmt(v["output_rate_hz_median"])} | '
+            f'{v["frames_received"]} | {v["frames_dropped"]} '
+            f'({fmt(100 * (v["dropped_fraction"] or 0))} %) | {v["frames_rejected"]} | '
+            f'{fmt(a["p50"])} / {fmt(a["p95"])} / {fmt(a["max"])} |')
+    lines += ['', 'Times in ms. Output age: receive time in the soak script node minus the '
+              'output header stamp (the camera stamp), so end-to-end plus transport.', '',
+              '## RSS (MiB, sampled every '
+              f'{report["args"]["rss_period"]:g} s)', '',
+              '| process | first | last | max |', '|---|---|---|---|']
+    for name, v in res['rss'].items():
+        lines.append(f'| {name} | {fmt(v["first"])} | {fmt(v["last"])} | {fmt(v["max"])} |')
+    lines += ['', f'![RSS and end-to-end p95 over time]({report["name"]}.png)', '',
+              'Exit of the node processes: ' + ', '.join(
+                  f'{k} {v["returncode"]} ({v["how"]})' for k, v in report['exit'].items()),
+              '']
+    with open(path, 'w') as f:
+        f.write('\n'.join(lines))
+
+
+def plot(path, report):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, (ax1, ax2) = plt.subplots(2, 1, figsize=(9, 7), sharex=True)
+    rss = report['rss_samples']
+    t0 = report['t0']
+    for name in NODES + ('camera_sim_node',):
+        ax1.plot([r['t'] - t0 for r in rss], [r['rss_mb'].get(name) for r in rss], label=name)
+    ax1.plot([r['t'] - t0 for r in rss],
+             [sum(v for v in r['rss_mb'].values() if v is not None) for r in rss],
+             label='system (sum)', color='k')
+    ax1.set_ylabel('RSS (MiB)')
+    ax1.legend(fontsize=8)
+    ax1.grid(alpha=0.3)
+    for node in NODES:
+        rows = [(s['t'] - t0, s[node]) for s in report['diag_samples'] if node in s]
+        ax2.plot([t for t, _ in rows], [r['e2e_p95_ms'] for _, r in rows],
+                 label=f'{node} e2e p95')
+        ax2.plot([t for t, _ in rows], [r['processing_ms'] + MARGIN_MS for _, r in rows],
+                 linestyle='--', label=f'{node} processing + 5 ms')
+    ax2.set_ylabel('ms (10 s rolling window)')
+    ax2.set_xlabel('time since measurement start (s)')
+    ax2.legend(fontsize=8)
+    ax2.grid(alpha=0.3)
+    fig.suptitle('node soak: 30 Hz 800x600 bgra8, lane_seg_node + flow_node (int8, ORT)')
+    fig.tight_layout()
+    fig.savefig(path, dpi=100)
+    plt.close(fig)
+
+
+def main(argv=None):
+    args = parse_args(argv)
+    os.environ['ROS_DOMAIN_ID'] = str(args.domain_id)
+    os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    os.makedirs(args.out, exist_ok=True)
+    cmds = node_commands(args)
+    logs = {name: open(os.path.join(args.out, f'.{args.name}_{name}.log'), 'w')
+            for name in cmds}
+    t_start = time.monotonic()
+    procs = {name: subprocess.Popen(cmd, cwd=ROOT, stdout=logs[name],
+                                    stderr=subprocess.STDOUT, env=os.environ.copy())
+             for name, cmd in cmds.items()}
+    rclpy.init(args=[])
+    listener = Listener()
+    executor = SingleThreadedExecutor()
+    executor.add_node(listener.node)
+    diag_samples, rss_samples = [], []
+    exit_codes = {}
+    try:
+        # warm-up: both nodes processing at the camera rate, then args.warmup more seconds
+        ready_at = None
+        while True:
+            executor.spin_once(timeout_sec=0.1)
+            now = time.monotonic()
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f'{name} exited with {proc.returncode} during warm-up')
+            if ready_at is None and all(
+                    to_float(listener.latest.get(n, {}).get('output_rate_hz')) >= 0.8 * args.rate
+                    for n in NODES):
+                ready_at = now
+                print(f'nodes at rate after {now - t_start:.1f} s', flush=True)
+            if ready_at is not None and now - ready_at >= args.warmup:
+                break
+            if now - t_start > 300.0:
+                print('warning: nodes did not reach 80 % of the camera rate in 300 s; '
+                      'measuring anyway', flush=True)
+                break
+        warmup_s = time.monotonic() - t_start
+        listener.recording = True
+        t0 = time.monotonic()
+        next_diag = t0
+        next_rss = t0
+        last_print = t0
+        while True:
+            executor.spin_once(timeout_sec=0.05)
+            now = time.monotonic()
+            if now - t0 >= args.duration:
+                break
+            if now >= next_diag:
+                next_diag += 1.0
+                row = {'t': now}
+                for n in NODES:
+                    if n in listener.latest:
+                        row[n] = diag_sample(listener.latest[n])
+                diag_samples.append(row)
+            if now >= next_rss:
+                next_rss += args.rss_period
+                rss_samples.append({'t': now, 'rss_mb': {name: rss_mb(p.pid)
+                                                         for name, p in procs.items()},
+                                    'soak_script_rss_mb': rss_mb(os.getpid())})
+            if now - last_print >= 60.0:
+                last_print = now
+                row = diag_samples[-1]
+                print(f'{now - t0:5.0f} s: ' + '; '.join(
+                    f'{n} p95 {fmt(row[n]["e2e_p95_ms"])} ms proc {fmt(row[n]["processing_ms"])} '
+                    f'ms out {fmt(row[n]["output_rate_hz"])} Hz drop {row[n]["frames_dropped"]}'
+                    for n in NODES if n in row)
+                    + f'; rss {fmt(sum(v or 0 for v in rss_samples[-1]["rss_mb"].values()))} MiB',
+                    flush=True)
+            for name, proc in procs.items():
+                if proc.poll() is not None:
+                    raise RuntimeError(f'{name} exited with {proc.returncode}')
+        t_end = time.monotonic()
+    finally:
+        exit_codes = stop(procs)
+        for f in logs.values():
+            f.close()
+        executor.shutdown()
+        listener.node.destroy_node()
+        rclpy.try_shutdown()
+    result = analyse(diag_samples, listener.ages, rss_samples, t_end)
+    report = {
+        'name': args.name,
+        'machine': machine_info(),
+        'command': ' '.join([os.path.relpath(sys.executable, ROOT)]
+                            + [os.path.relpath(os.path.abspath(__file__), ROOT)]
+                            + (sys.argv[1:] if argv is None else list(argv))),
+        'node_commands': {k: [os.path.relpath(v[0], ROOT)] + [
+            os.path.relpath(x.split(':=')[1], ROOT).join([x.split(':=')[0] + ':=', ''])
+            if x.startswith('model_path:=') else x for x in v[1:]] for k, v in cmds.items()},
+        'args': vars(args),
+        'warmup_s': warmup_s,
+        'measured_s': t_end - t0,
+        't0': t0,
+        'exit': exit_codes,
+        'result': result,
+        'diag_samples': diag_samples,
+        'rss_samples': rss_samples,
+        'output_ages_ms': {n: [[round(t - t0, 3), round(a, 3)] for t, a in listener.ages[n]]
+                           for n in NODES},
+    }
+    base = os.path.join(args.out, args.name)
+    with open(base + '.json', 'w') as f:
+        json.dump(report, f, indent=1, default=str)
+    write_markdown(base + '.md', report)
+    plot(base + '.png', report)
+    print(json.dumps(result['targets'], indent=1))
+    print(f'wrote {base}.json, {base}.md, {base}.png')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
