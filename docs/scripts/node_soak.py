@@ -49,6 +49,9 @@ def parse_args(argv=None):
                         help='seconds measured after the warm-up (default 600)')
     parser.add_argument('--warmup', type=float, default=15.0,
                         help='seconds after both nodes run at the camera rate (default 15)')
+    parser.add_argument('--qos', choices=['best_effort', 'reliable'], default='best_effort',
+                        help='reliability of the camera subscriptions of both nodes '
+                        '(default best_effort, as the nodes default to)')
     parser.add_argument('--threads', type=int, default=1,
                         help='engine threads per node (default 1: 3 processes share 2 cores)')
     parser.add_argument('--rate', type=float, default=30.0, help='camera rate (Hz)')
@@ -72,7 +75,8 @@ def node_commands(args):
     for node in NODES:
         cmds[node] = [os.path.join(BIN, node), '--ros-args', '-p', 'backend:=onnxruntime',
                       '-p', f'model_path:={os.path.join(ROOT, MODELS[node])}',
-                      '-p', f'threads:={args.threads}'] + remap
+                      '-p', f'threads:={args.threads}',
+                      '-p', f'qos_reliability:={args.qos}'] + remap
     return cmds
 
 
