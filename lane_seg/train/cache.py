@@ -51,6 +51,31 @@ def build_cache(out, seeds, frames: int, height: int = 384, width: int = 512,
     return out
 
 
+class Samples:
+    """
+    Training samples from ``KIND:PATH``: a frame cache (``cache:DIR``) or a data set on disk.
+
+    Subclasses name their data-set formats in ``kinds``, open them in ``open_dataset`` and turn
+    a cache index or a data-set item into a sample in ``from_cache`` / ``from_item``.
+    """
+
+    kinds = ()
+
+    def __init__(self, spec: str):
+        kind, _, path = spec.partition(':')
+        if not path:
+            raise ValueError(f'data {spec!r} must be KIND:PATH '
+                             f"({', '.join(('cache',) + self.kinds)})")
+        self.cache = FrameCache(path) if kind == 'cache' else None
+        self.dataset = None if self.cache else self.open_dataset(path, kind)
+
+    def __len__(self):
+        return len(self.cache) if self.cache else len(self.dataset)
+
+    def __getitem__(self, i):
+        return self.from_cache(i) if self.cache else self.from_item(self.dataset[i])
+
+
 class FrameCache:
     """Memory-mapped view of a cache written by ``build_cache``."""
 

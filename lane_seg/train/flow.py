@@ -15,7 +15,7 @@ import time
 import cv2
 import numpy as np
 
-from .cache import FrameCache
+from .cache import Samples
 from .loop import fit, TrainTask
 from .seg import add_common_arguments, common_config, LANE_NORMALIZATION, run_metadata
 from ..data import open_flow_dataset
@@ -75,25 +75,20 @@ def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
     }
 
 
-class FlowSamples:
+class FlowSamples(Samples):
     """(image1, image2, flow, valid) pairs from a cache or a flow data set."""
 
-    def __init__(self, spec: str):
-        kind, _, path = spec.partition(':')
-        if not path:
-            raise ValueError(f'data {spec!r} must be KIND:PATH (cache, folder, kitti)')
-        self.cache = FrameCache(path) if kind == 'cache' else None
-        self.dataset = None if self.cache else open_flow_dataset(path, fmt=kind)
+    kinds = ('folder', 'kitti')
 
-    def __len__(self):
-        return len(self.cache) if self.cache else len(self.dataset)
+    def open_dataset(self, path, kind):
+        return open_flow_dataset(path, fmt=kind)
 
-    def __getitem__(self, i):
-        if self.cache:
-            c = self.cache
-            return (np.asarray(c.images[i]), np.asarray(c.next[i]),
-                    np.asarray(c.flow[i], dtype=np.float32), np.asarray(c.valid[i]))
-        item = self.dataset[i]
+    def from_cache(self, i):
+        c = self.cache
+        return (np.asarray(c.images[i]), np.asarray(c.next[i]),
+                np.asarray(c.flow[i], dtype=np.float32), np.asarray(c.valid[i]))
+
+    def from_item(self, item):
         return item['image1'], item['image2'], item['flow'], item['valid']
 
 

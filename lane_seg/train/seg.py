@@ -20,7 +20,7 @@ import time
 import cv2
 import numpy as np
 
-from .cache import FrameCache
+from .cache import Samples
 from .loop import add_run_arguments, fit, run_arguments, TrainTask
 from ..data import open_lane_dataset
 from ..pipeline.preprocess import prepare, roi_box
@@ -132,23 +132,18 @@ def run_metadata(cfg, verb: str, arch_type: str) -> dict:
     }
 
 
-class LaneSamples:
+class LaneSamples(Samples):
     """(image, binary mask) frames from a cache or any supported lane data set."""
 
-    def __init__(self, spec: str):
-        kind, _, path = spec.partition(':')
-        if not path:
-            raise ValueError(f'data {spec!r} must be KIND:PATH (cache, folder, culane, tusimple)')
-        self.cache = FrameCache(path) if kind == 'cache' else None
-        self.dataset = None if self.cache else open_lane_dataset(path, fmt=kind)
+    kinds = ('folder', 'culane', 'tusimple')
 
-    def __len__(self):
-        return len(self.cache) if self.cache else len(self.dataset)
+    def open_dataset(self, path, kind):
+        return open_lane_dataset(path, fmt=kind)
 
-    def __getitem__(self, i):
-        if self.cache:
-            return np.asarray(self.cache.images[i]), np.asarray(self.cache.masks[i]) > 0
-        item = self.dataset[i]
+    def from_cache(self, i):
+        return np.asarray(self.cache.images[i]), np.asarray(self.cache.masks[i]) > 0
+
+    def from_item(self, item):
         return item['image'], item['mask'] > 0
 
 
