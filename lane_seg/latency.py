@@ -4,7 +4,10 @@ Latency and health statistics of a perception node (pure: no rclpy, no message t
 A node feeds one :class:`LatencyStats` with what happens to its frames: ``received`` when a
 message arrives, ``dropped`` when an unprocessed frame is overwritten by a newer one,
 ``rejected`` (with a reason) when a frame cannot be used, ``processed`` with the per-stage
-times and the end-to-end latency (node clock minus header stamp), ``event`` for things worth
+times, the end-to-end latency (node clock minus header stamp) and where a frame waited before
+processing (``transport``: header stamp to the subscription callback, i.e. the publisher,
+middleware and executor; ``queue``: callback to the start of processing, i.e. waiting for the
+previous frame), ``event`` for things worth
 counting that are not errors (a pipeline reset, a resolution change), ``metric`` for live
 accuracy figures (IoU, EPE). All figures are kept over a rolling time window.
 
@@ -30,6 +33,7 @@ import time
 import numpy as np
 
 STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
+WAITS = ('transport', 'queue', 'total')
 PERCENTILES = (50, 95, 99)
 
 
@@ -132,6 +136,7 @@ class LatencyStats:
         self.started_at = clock()
         self._stage = {name: RollingWindow(window_s) for name in self.stages}
         self._e2e = RollingWindow(window_s)
+        self._waits = {name: RollingWindow(window_s) for name in WAITS}
         self._received = RollingWindow(window_s)
         self._processed = RollingWindow(window_s)
         self._dropped = RollingWindow(window_s)
@@ -172,9 +177,25 @@ class LatencyStats:
     def event(self, name: str):
         self.events[name] += 1
 
-    def processed(self, stage_ms: dict, end_to_end_ms: float = None, now: float = None):
-        """Record one processed frame: ``stage_ms`` maps stage names to milliseconds."""
+    def processed(self, stage_ms: dict, end_to_end_ms: float = None, now: float = None,
+                  wait_ms: dict = None):
+        """
+        Record one processed frame: ``stage_ms`` maps stage names to milliseconds.
+
+        ``wait_ms`` (optional) maps ``transport`` and ``queue`` to the milliseconds the frame
+        spent before processing (non-finite values are skipped); with both, their sum is
+        kept as ``total``, the per-frame part of the end-to-end latency that is not
+        processing.
+        """
         now = self._now(now)
+        wait_ms = dict(wait_ms or {})
+        if 'transport' in wait_ms and 'queue' in wait_ms:
+            wait_ms.setdefault('total', wait_ms['transport'] + wait_ms['queue'])
+        for name, value in wait_ms.items():
+            if name not in WAITS:
+                raise ValueError(f'unknown wait {name!r}: expected one of {WAITS}')
+            if value is not None and math.isfinite(value):
+                self._waits[name].add(now, value)
         self.processed_total += 1
         self._processed.add(now)
         for name, value in stage_ms.items():
@@ -210,6 +231,10 @@ class LatencyStats:
     def end_to_end(self, now: float = None) -> dict:
         return percentiles(self._e2e.values(self._now(now)))
 
+    def wait_percentiles(self, now: float = None) -> dict:
+        now = self._now(now)
+        return {name: percentiles(win.values(now)) for name, win in self._waits.items()}
+
     def input_rate(self, now: float = None) -> float:
         return self._received.rate(self._now(now))
 
@@ -243,6 +268,7 @@ class LatencyStats:
             'output_rate_hz': self.output_rate(now),
             'end_to_end_ms': self.end_to_end(now),
             'stages_ms': self.stage_percentiles(now),
+            'waits_ms': self.wait_percentiles(now),
             'metrics': self.metrics(now),
             'startup_failure': self.startup_failure,
             'info': dict(self.info),
@@ -306,6 +332,9 @@ class LatencyStats:
         for name, pct in self.stage_percentiles(now).items():
             for q in ('p50', 'p95', 'p99', 'max'):
                 yield f'{name}_ms.{q}', _fmt(pct[q])
+        for name, pct in self.wait_percentiles(now).items():
+            for q in ('p50', 'p95', 'p99', 'max'):
+                yield f'{name}_wait_ms.{q}', _fmt(pct[q])
         for name, value in sorted(self.metrics(now).items()):
             yield name, _fmt(value, 4)
         if self.startup_failure is not None:

@@ -36,6 +36,7 @@ def generate_launch_description():
     flow_params = os.path.join(share, 'config', 'flow.yaml')
     rviz_config = os.path.join(share, 'config', 'lane_seg.rviz')
     backend = ParameterValue(LaunchConfiguration('backend'), value_type=str)
+    camera_qos = ParameterValue(LaunchConfiguration('camera_qos'), value_type=str)
     lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
     return LaunchDescription([
@@ -47,6 +48,11 @@ def generate_launch_description():
         DeclareLaunchArgument('camera_info_topic',
                               default_value='/carla/ego_vehicle/rgb_front/camera_info',
                               description='camera info topic in the bag'),
+        DeclareLaunchArgument('camera_qos', default_value='reliable',
+                              description='reliability of the camera subscriptions: reliable '
+                                          '(the CARLA bridge and ros2 bag play publish '
+                                          'reliable; large frames arrive whole) or '
+                                          'best_effort (cameras that publish sensor-data QoS)'),
         DeclareLaunchArgument('backend', default_value='auto',
                               description='auto, onnxruntime, tensorrt or torch'),
         DeclareLaunchArgument('lane_model', default_value='',
@@ -56,13 +62,15 @@ def generate_launch_description():
         DeclareLaunchArgument('rviz', default_value='false',
                               description='start RViz with config/lane_seg.rviz'),
         Node(package='lane_seg', executable='lane_seg_node', name='lane_seg_node',
-             parameters=[lane_params, {'backend': backend, 'model_path': lane_model,
+             parameters=[lane_params, {'backend': backend, 'qos_reliability': camera_qos,
+                                       'model_path': lane_model,
                                        'use_sim_time': True}],
              remappings=[('image', LaunchConfiguration('camera_topic')),
                          ('camera_info', LaunchConfiguration('camera_info_topic'))],
              output='screen'),
         Node(package='lane_seg', executable='flow_node', name='flow_node',
-             parameters=[flow_params, {'backend': backend, 'model_path': flow_model,
+             parameters=[flow_params, {'backend': backend, 'qos_reliability': camera_qos,
+                                       'model_path': flow_model,
                                        'use_sim_time': True}],
              remappings=[('image', LaunchConfiguration('camera_topic'))],
              output='screen'),

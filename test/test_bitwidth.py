@@ -8,6 +8,7 @@ two-layer net small enough to count on paper.
 
 import copy
 
+from helpers import FLOW, TINY
 from lane_seg.models import checkpoint
 from lane_seg.models.bitwidth import (export_learned, footprint_table, format_footprint,
                                       hardware_cost, LearnedBits, MAX_BITS, MIN_BITS,
@@ -28,17 +29,10 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
-FLOW = {'width': 0.0625, 'levels': 3}
 LAM, ALPHA = 0.97, 4.0
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 class TwoLayer(nn.Module):

@@ -3,6 +3,7 @@
 import copy
 import json
 
+from helpers import FLOW, TINY
 from lane_seg.models import checkpoint
 from lane_seg.models.checkpoint import CheckpointError
 from lane_seg.models.quant import act_quantizers, calibrate, QuantConfig, quantize_model
@@ -11,16 +12,7 @@ from lane_seg.train.seg import lane_metadata, SegTrainConfig
 import pytest
 import torch
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
-FLOW = {'width': 0.0625, 'levels': 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def lane_meta(bits=0):

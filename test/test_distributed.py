@@ -19,36 +19,24 @@ import socket
 import subprocess
 import sys
 
+from helpers import FLOW, quiet, TINY, tiny_cache
 from lane_seg.models import checkpoint
 from lane_seg.models.checkpoint import CheckpointError
 from lane_seg.train import flow, loop, resume, seg
-from lane_seg.train.cache import build_cache
 import numpy as np
 import pytest
 from safetensors.torch import load_file, save_file
 import torch
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
 NO_BN = dict(TINY, batchnorm=False)
-FLOW = {'width': 0.0625, 'levels': 3}
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def quiet(_message):
-    pass
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
 def data(tmp_path_factory):
-    cache = build_cache(tmp_path_factory.mktemp('dist') / 'c', seeds=[1, 2], frames=2,
-                        height=96, width=128, progress=False)
+    cache = tiny_cache(tmp_path_factory.mktemp('dist') / 'c')
     return f'cache:{cache}'
 
 

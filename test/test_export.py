@@ -9,6 +9,7 @@ import copy
 import json
 from types import SimpleNamespace
 
+from helpers import FLOW, TINY, tiny_cache
 from lane_seg.models.export import check_tensorrt_qdq, export_onnx, to_ort_int8
 from lane_seg.models.flownet import FlowNetConfig, FlowNetS
 from lane_seg.models.metadata import (MetadataError, read_model_metadata, REQUIRED,
@@ -17,7 +18,6 @@ from lane_seg.models.quant import ActQuant, calibrate, freeze_for_export, quanti
 from lane_seg.models.quant import QuantConfig
 from lane_seg.models.unet import UNet, UNetConfig
 from lane_seg.train import seg
-from lane_seg.train.cache import build_cache
 from lane_seg.train.flow import flow_metadata, FlowSamples, FlowTrainConfig, stack_frames
 import numpy as np
 import onnx
@@ -26,16 +26,7 @@ import onnxruntime as ort
 import pytest
 import torch
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
-FLOW = {'width': 0.0625, 'levels': 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def session(path, optimize=True):
@@ -57,12 +48,9 @@ def run_onnx(path, x, optimize=True):
 
 
 @pytest.fixture(scope='module')
-def exported(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def exported(tmp_path_factory, one_thread_module):
     root = tmp_path_factory.mktemp('export')
-    cache = build_cache(root / 'cache', seeds=[1, 2], frames=2, height=96, width=128,
-                        progress=False)
+    cache = tiny_cache(root / 'cache')
     cfg = seg.SegTrainConfig(data=f'cache:{cache}', val=f'cache:{cache}', input_size=(64, 128),
                              arch=dict(TINY), quant_bits=8, batch=4)
     q_meta = seg.lane_metadata(cfg, 'lane_int8')
@@ -101,7 +89,6 @@ def exported(tmp_path_factory):
     ns.flow_ort = root / 'flow_int8_ort.onnx'
     to_ort_int8(ns.flow_qdq, ns.flow_ort)
     yield ns
-    torch.set_num_threads(threads)
 
 
 # ---------------------------------------------------------------- metadata

@@ -181,3 +181,34 @@ def test_rates_and_end_to_end_percentiles_over_the_window():
     e2e = stats.end_to_end()
     assert e2e['max'] == 6.0 and 0.0 <= e2e['p50'] <= 6.0
     assert stats.dropped_in_window() == 133 and stats.dropped_total == 133
+
+
+def test_transport_and_queue_waits_and_their_per_frame_total():
+    stats, clock = make()
+    for i in range(50):
+        clock.t += 0.05
+        stats.received()
+        stats.processed({'inference': 5.0}, 5.0 + i + 2 * i,
+                        wait_ms={'transport': float(i), 'queue': 2.0 * i})
+    waits = stats.wait_percentiles()
+    assert waits['transport']['max'] == 49.0 and waits['queue']['max'] == 98.0
+    # the total is per frame (transport + queue of the same frame), not a sum of percentiles
+    assert waits['total']['max'] == 147.0
+    assert waits['total']['p50'] == pytest.approx(np.percentile([3.0 * i for i in range(50)],
+                                                                50))
+    values = stats.status().as_dict()
+    for name in ('transport', 'queue', 'total'):
+        for q in ('p50', 'p95', 'p99', 'max'):
+            assert f'{name}_wait_ms.{q}' in values
+    assert values['total_wait_ms.max'] == '147.00'
+    assert stats.summary()['waits_ms']['queue']['max'] == 98.0
+
+
+def test_waits_skip_non_finite_values_and_reject_unknown_names():
+    stats, clock = make()
+    stats.processed({'inference': 1.0}, 3.0, wait_ms={'transport': float('nan'), 'queue': 1.0})
+    waits = stats.wait_percentiles()
+    assert math.isnan(waits['transport']['p50']) and math.isnan(waits['total']['p50'])
+    assert waits['queue']['p50'] == 1.0
+    with pytest.raises(ValueError, match='unknown wait'):
+        stats.processed({}, 1.0, wait_ms={'network': 1.0})

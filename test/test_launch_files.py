@@ -19,6 +19,7 @@ import threading
 import time
 import types
 
+from helpers import ros_domain_env
 from lane_seg.ros.camera_sim_node import CameraSimNode
 from lane_seg.ros.flow_node import FlowNode
 from lane_seg.ros.lane_seg_node import LaneSegNode
@@ -63,16 +64,8 @@ class NullFlow(NullLanes):
 
 @pytest.fixture(scope='module', autouse=True)
 def ros_domain():
-    keys = ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ['ROS_DOMAIN_ID'] = str(DOMAIN_ID)
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with ros_domain_env(DOMAIN_ID):
+        yield
 
 
 def console_scripts():
@@ -238,6 +231,37 @@ def test_replay_launch_plays_the_bag_with_its_clock_under_sim_time():
     assert launch.arguments['bag'] is None        # required
     assert "['ros2', 'bag', 'play'" in launch.source and "'--clock'" in launch.source
     assert launch.source.count("'use_sim_time': True") == 3
+
+
+@pytest.mark.parametrize('path', LAUNCH_FILES, ids=lambda p: p.name)
+def test_parameters_set_in_launch_files_are_real_and_valid(path):
+    """A misspelt parameter in a launch file would be ignored silently by the node."""
+    launch = LaunchFile(path)
+    checked = 0
+    for call in launch.by_name('Node'):
+        kwargs = {k.arg: k.value for k in call.keywords}
+        executable = launch.value(kwargs['executable'])
+        if executable not in SPECS or 'parameters' not in kwargs:
+            continue
+        specs = {spec.name: spec for spec in SPECS[executable]}
+        for item in kwargs['parameters'].elts:
+            if not isinstance(item, ast.Dict):
+                continue   # a parameter file, checked by the test below
+            for key in item.keys:
+                name = launch.value(key)
+                assert name in specs or name == 'use_sim_time', (path.name, executable, name)
+                checked += 1
+    assert checked > 0
+
+
+def test_camera_qos_is_a_launch_argument_where_the_source_publishes_reliable():
+    for name in ('carla.launch.py', 'replay.launch.py'):
+        launch = LaunchFile(ROOT / 'launch' / name)
+        assert launch.arguments['camera_qos'] == 'reliable'
+        default = launch.arguments['camera_qos']
+        spec = next(s for s in LANE_SPECS if s.name == 'qos_reliability')
+        assert spec.validate(default) is None and spec.validate('best_effort') is None
+        assert launch.source.count("'qos_reliability': camera_qos") == 2
 
 
 @pytest.mark.parametrize('name', ['lane_seg.yaml', 'flow.yaml', 'sim.yaml'])

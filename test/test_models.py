@@ -1,5 +1,6 @@
 """The U-Net family and the quantizable FlowNetS: sizes, shapes, config checks and MACs."""
 
+from helpers import TINY
 from lane_seg.models.flownet import FlowNetConfig, FlowNetS
 from lane_seg.models.layers import count_macs, count_parameters
 from lane_seg.models.unet import UNet, UNetConfig
@@ -7,15 +8,7 @@ import pytest
 import torch
 from torch import nn
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.mark.parametrize('levels, millions', [(4, 31.4), (3, 7.8), (2, 1.9), (1, 0.41)])

@@ -25,6 +25,7 @@ import time
 import types
 
 from diagnostic_msgs.msg import DiagnosticArray
+from helpers import ros_domain_env
 from lane_seg.image_conversion import image_to_numpy, numpy_to_image
 from lane_seg.latency import Level
 from lane_seg.ros.camera_sim_node import CameraSimNode
@@ -70,16 +71,8 @@ NEEDS_SHIPPED_MODELS = pytest.mark.skipif(bool(_shipped_models()), reason=_shipp
 
 @pytest.fixture(scope='module', autouse=True)
 def ros_domain():
-    keys = ('ROS_DOMAIN_ID', 'ROS_AUTOMATIC_DISCOVERY_RANGE')
-    saved = {key: os.environ.get(key) for key in keys}
-    os.environ['ROS_DOMAIN_ID'] = str(DOMAIN_ID)
-    os.environ['ROS_AUTOMATIC_DISCOVERY_RANGE'] = 'LOCALHOST'
-    yield
-    for key, value in saved.items():
-        if value is None:
-            os.environ.pop(key, None)
-        else:
-            os.environ[key] = value
+    with ros_domain_env(DOMAIN_ID):
+        yield
 
 
 # -- small real pipelines with the engines' API ---------------------------------------------
@@ -387,6 +380,12 @@ def test_diagnostics_published_with_the_fields(graph):
         assert 10.0 < float(values['input_rate_hz']) < 30.0
         assert int(values['frames_received']) > 10
         assert float(values['end_to_end_ms.p95']) < 1000.0
+        # the part of the latency that is not processing, per frame: stamp -> callback ->
+        # worker; never negative on one clock, and never more than the end-to-end latency
+        transport = float(values['transport_wait_ms.p50'])
+        total = float(values['total_wait_ms.max'])
+        assert 0.0 <= transport and 0.0 <= float(values['queue_wait_ms.p50'])
+        assert total <= float(values['end_to_end_ms.max'])
 
 
 def test_engine_load_failure_is_an_error_in_diagnostics_not_a_crash(graph, capfd):

@@ -3,6 +3,7 @@
 import copy
 import math
 
+from helpers import TINY
 from lane_seg.models.layers import ConvBNReLU
 from lane_seg.models.quant import (act_quantizers, ActQuant, calibrate, fold_batchnorm,
                                    freeze_for_export, QConv2d, qrange, quant_summary,
@@ -13,15 +14,7 @@ import torch
 from torch import nn
 import torch.nn.functional as F
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 def random_bn_unet(seed=0):

@@ -10,6 +10,7 @@ import math
 from pathlib import Path
 from types import SimpleNamespace
 
+from helpers import FLOW, quiet, TINY, tiny_cache
 from lane_seg.cli import main
 from lane_seg.evaluate import OpenCVFlow
 from lane_seg.metrics import epe
@@ -18,36 +19,20 @@ from lane_seg.models.export import check_tensorrt_qdq
 from lane_seg.models.metadata import read_model_metadata
 from lane_seg.models.quant import act_quantizers, QConv2d
 from lane_seg.train import flow, seg
-from lane_seg.train.cache import build_cache, FrameCache
+from lane_seg.train.cache import FrameCache
 from lane_seg.train.package import export_models
 import numpy as np
 import onnxruntime as ort
 import pytest
 import torch
 
-TINY = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
-FLOW = {'width': 0.0625, 'levels': 3}
-
-
-@pytest.fixture(autouse=True)
-def one_thread():
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(threads)
-
-
-def quiet(_message):
-    pass
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
-def runs(tmp_path_factory):
-    threads = torch.get_num_threads()
-    torch.set_num_threads(1)
+def runs(tmp_path_factory, one_thread_module):
     root = tmp_path_factory.mktemp('train')
-    cache = build_cache(root / 'c', seeds=[1, 2], frames=2, height=96, width=128,
-                        progress=False)
+    cache = tiny_cache(root / 'c')
     data = f'cache:{cache}'
     common = {'data': data, 'val': data, 'input_size': (64, 128), 'crop': (32, 64),
               'epochs': 1, 'batch': 2, 'threads': 1, 'calib_batches': 2}
@@ -67,7 +52,6 @@ def runs(tmp_path_factory):
     ns.flow_files = export_models(ns.flow['checkpoint'], ns.flow_q['checkpoint'],
                                   root / 'models', 'flow')
     yield ns
-    torch.set_num_threads(threads)
 
 
 def sidecar(path):

@@ -126,7 +126,7 @@ class PerceptionNode(Node):
         self._factory = pipeline_factory
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._slot = None          # (msg, receive seq, receive monotonic time)
+        self._slot = None          # (msg, receive seq, receive monotonic time, ROS time ns)
         self._receive_seq = 0
         self._stop = False
         self.pipeline = None
@@ -175,6 +175,7 @@ class PerceptionNode(Node):
     # -- input ---------------------------------------------------------------------------
     def _on_image(self, msg):
         now = time.monotonic()
+        arrived_ns = self.get_clock().now().nanoseconds
         with self._lock:
             self._receive_seq += 1
             self.stats.received(now)
@@ -183,7 +184,7 @@ class PerceptionNode(Node):
                 return
             if self._slot is not None:
                 self.stats.dropped(1, now)
-            self._slot = (msg, self._receive_seq, now)
+            self._slot = (msg, self._receive_seq, now, arrived_ns)
             self._wake.notify()
 
     def reject(self, reason: str, text: str, msg=None):
@@ -296,21 +297,24 @@ class PerceptionNode(Node):
             item = self._take()
             if item is None:
                 return
-            msg, seq, _ = item
+            msg, seq, received, arrived_ns = item
             if self.pipeline is None:
                 with self._lock:
                     self.stats.rejected_frame('no_pipeline')
                 continue
             try:
-                self._handle(msg, seq)
+                self._handle(msg, seq, received, arrived_ns)
             except Exception as exc:  # a bug or engine failure on one frame: keep serving
                 try:
                     self.reject('pipeline_error', describe_error(exc), msg)
                 except Exception:  # never let the worker die
                     pass
 
-    def _handle(self, msg, seq):
+    def _handle(self, msg, seq, received=None, arrived_ns=None):
         t0 = time.perf_counter()
+        waits = {} if received is None else {'queue': (time.monotonic() - received) * 1e3}
+        if arrived_ns is not None:
+            waits['transport'] = (arrived_ns - stamp_ns(msg.header)) / 1e6
         image = self.decode(msg)
         if image is None:
             return
@@ -320,7 +324,7 @@ class PerceptionNode(Node):
             return
         e2e = self.end_to_end_ms(msg)
         with self._lock:
-            self.stats.processed(stages, e2e)
+            self.stats.processed(stages, e2e, wait_ms=waits)
 
     def rebuild_pipeline(self):
         """Replace the pipeline with one built from the current parameters (worker thread)."""

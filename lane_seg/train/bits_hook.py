@@ -31,6 +31,7 @@ class LearnBitsHook:
         self.bits = LearnedBits(model, mode=self.cfg.learn_bits, lam=self.cfg.bits_lambda,
                                 alpha=self.cfg.bits_alpha, hardware=self.cfg.bits_hardware,
                                 init_bits=None, lr=self.cfg.bits_lr,
+                                optimizer=self.cfg.bits_optimizer,
                                 bit_update_every=self.cfg.bits_every, input_shape=self.shape)
         if self._pending:
             self.bits.load_state_dict({'n': torch.tensor(self._pending['n'])})
@@ -53,5 +54,7 @@ class LearnBitsHook:
         quant['scheme'] = 'learned-bit-widths'
         quant.update(hardware_cost(model, self.shape))
         quant['learned'] = {'mode': self.cfg.learn_bits, 'hardware': self.cfg.bits_hardware,
-                            'lambda': self.cfg.bits_lambda, 'alpha': self.cfg.bits_alpha}
+                            'lambda': self.cfg.bits_lambda, 'alpha': self.cfg.bits_alpha,
+                            'lr': self.cfg.bits_lr, 'every': self.cfg.bits_every,
+                            'optimizer': self.cfg.bits_optimizer}
         meta['quantization'] = quant

@@ -46,6 +46,7 @@ class FlowTrainConfig:
     bits_lambda: float = 0.97
     bits_alpha: float = 4.0
     bits_lr: float = 0.05
+    bits_optimizer: str = 'sgd'  # 'sgd' (the study) or 'adam' for the widths
     bits_every: int = 1
     calib_batches: int = 16
     max_val: int = 0

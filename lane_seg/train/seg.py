@@ -58,6 +58,7 @@ class SegTrainConfig:
     bits_lambda: float = 0.97
     bits_alpha: float = 4.0
     bits_lr: float = 0.05
+    bits_optimizer: str = 'sgd'  # 'sgd' (the study) or 'adam' for the widths
     bits_every: int = 1
     calib_batches: int = 16
     max_val: int = 0             # 0 = all validation frames
@@ -309,6 +310,8 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
     p.add_argument('--bits-lambda', type=float, default=0.97)
     p.add_argument('--bits-alpha', type=float, default=4.0)
     p.add_argument('--bits-lr', type=float, default=0.05)
+    p.add_argument('--bits-optimizer', choices=['sgd', 'adam'], default='sgd',
+                   help="optimizer of the widths (sgd: the study's gradient step)")
     p.add_argument('--bits-every', type=int, default=1)
     p.add_argument('--max-val', type=int, default=0)
     p.add_argument('--max-train', type=int, default=0)
@@ -323,6 +326,7 @@ def common_config(args) -> dict:
         quant_scheme=args.quant_scheme, learn_bits=args.learn_bits,
         bits_hardware=args.bits_hardware, bits_lambda=args.bits_lambda,
         bits_alpha=args.bits_alpha, bits_lr=args.bits_lr, bits_every=args.bits_every,
+        bits_optimizer=args.bits_optimizer,
         max_val=args.max_val, max_train=args.max_train, threads=args.threads,
         **run_arguments(args))
 

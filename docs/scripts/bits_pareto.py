@@ -1,0 +1,244 @@
+"""
+Learned bit widths against uniform QAT (issue 8): train the sweep, evaluate, draw the fronts.
+
+Every point starts from the same float checkpoint and gets the same QAT budget (``--epochs``
+over the first ``--max-train`` training samples, learning rate ``--lr``): uniform QAT at
+8/6/4/2 bits, the study's learned uniform width (``sum_bits``, lambda 0.97, alpha 4) and
+per-layer learned widths for each hardware loss over a sweep of lambda. Each run is the
+``lane-seg train`` command printed in the log (skipped when its checkpoint exists, so the
+sweep resumes); every checkpoint is then scored on the held-out test set with
+``lane-seg eval`` and measured with ``hardware_cost`` (model size = weights x weight bits,
+bit operations = MACs x weight bits x input bits, at the deployed input size). Run from the
+repository root::
+
+    .venv/bin/python docs/scripts/bits_pareto.py seg \
+        --float /work/runs/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
+        --test /work/testset --out docs/studies/lane_pareto
+
+Writes ``results.json``, ``table.md``, ``widths.md`` and ``pareto.png`` into ``--out``;
+the run folders go to ``--out/runs`` (ignored by git).
+"""
+
+import argparse
+import json
+from pathlib import Path
+import subprocess
+import sys
+
+BIN = Path(sys.executable).parent
+METRIC = {'seg': 'iou', 'flow': 'epe'}
+
+
+def sweep(a):
+    """Return the run list: (name, extra train arguments, description fields)."""
+    runs = [('float', None, {'kind': 'float'})]
+    for b in a.uniform_bits:
+        runs.append((f'uniform_w{b}a{b}', ['--quant-bits', str(b)],
+                     {'kind': 'uniform QAT', 'bits': b}))
+    bits_args = ['--bits-every', str(a.bits_every), '--bits-optimizer', a.bits_optimizer,
+                 '--bits-lr', str(a.bits_lr), '--bits-alpha', str(a.alpha)]
+    runs.append(('learned_uniform_sum_bits_0.97',
+                 ['--quant-bits', '8', '--learn-bits', 'uniform', '--bits-hardware', 'sum_bits',
+                  '--bits-lambda', '0.97'] + bits_args,
+                 {'kind': 'learned uniform', 'hardware': 'sum_bits', 'lambda': 0.97}))
+    for hw in a.hardware:
+        for lam in a.lambdas:
+            extra = ['--quant-bits', '8', '--learn-bits', 'per_layer', '--bits-hardware', hw,
+                     '--bits-lambda', str(lam)] + bits_args
+            runs.append((f'learned_per_layer_{hw}_{lam}', extra,
+                         {'kind': 'learned per layer', 'hardware': hw, 'lambda': lam}))
+    return runs
+
+
+def train(a, name, extra, runs_dir):
+    out = runs_dir / name
+    ckpt = out / f'{name}.safetensors'
+    if ckpt.exists():
+        return ckpt
+    cmd = [str(BIN / 'lane-seg'), 'train', a.task, '--init', a.float, '--out', str(out),
+           '--max-val', str(a.max_val), '--data', a.data, '--val', a.val]
+    if extra is None:    # the float reference: evaluation only
+        cmd += ['--epochs', '0']
+    else:
+        cmd += ['--epochs', str(a.epochs), '--max-train', str(a.max_train), '--lr', str(a.lr)]
+        cmd += extra
+    print('$ ' + ' '.join(cmd), flush=True)
+    subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
+    return ckpt
+
+
+def evaluate(a, ckpt):
+    cmd = [str(BIN / 'lane-seg'), 'eval', a.task, '--model', str(ckpt), '--data', a.test,
+           '--backend', 'torch', '--json']
+    if a.limit:
+        cmd += ['--limit', str(a.limit)]
+    print('$ ' + ' '.join(cmd), flush=True)
+    res = subprocess.run(cmd, check=True, capture_output=True, text=True)
+    return json.loads(res.stdout.strip().splitlines()[-1])
+
+
+def hardware(ckpt):
+    from lane_seg.models import checkpoint
+    from lane_seg.models.bitwidth import hardware_cost
+    from lane_seg.models.layers import count_macs
+    model, meta = checkpoint.load_model(ckpt)
+    shape = [1] + list(meta['inputs'][0]['shape'][1:])
+    quant = meta.get('quantization', {})
+    if not meta['architecture'].get('quant'):
+        params = sum(p.numel() for n, p in model.named_parameters()
+                     if p.dim() > 1)   # conv weights, as hardware_cost counts them
+        macs = count_macs(model, shape)
+        return {'model_size_bits': 32 * params, 'bitops': 32 * 32 * macs, 'macs': macs,
+                'weight_params': params}, meta, quant
+    cost = hardware_cost(model, shape)
+    from lane_seg.models.quant import QConv2d
+    cost['weight_params'] = sum(m.weight.numel() for m in model.modules()
+                                if isinstance(m, QConv2d))
+    return cost, meta, quant
+
+
+def run(a):
+    out = Path(a.out)
+    runs_dir = out / 'runs'
+    runs_dir.mkdir(parents=True, exist_ok=True)
+    metric = METRIC[a.task]
+    rows = []
+    for name, extra, desc in sweep(a):
+        ckpt = train(a, name, extra, runs_dir)
+        cost, meta, quant = hardware(ckpt)
+        result = evaluate(a, ckpt)
+        row = dict(desc, name=name, **cost,
+                   val=meta['metrics']['val'][metric],
+                   test=result[metric],
+                   layer_bits=quant.get('layer_bits'))
+        row['mean_weight_bits'] = row['model_size_bits'] / row['weight_params']
+        rows.append(row)
+        print(json.dumps({k: v for k, v in row.items() if k != 'layer_bits'}), flush=True)
+    settings = {k: getattr(a, k) for k in ('task', 'float', 'test', 'epochs', 'max_train',
+                                           'lr', 'max_val', 'bits_every', 'bits_optimizer',
+                                           'bits_lr', 'alpha', 'limit', 'data', 'val')}
+    (out / 'results.json').write_text(json.dumps({'metric': metric, 'settings': settings,
+                                                  'rows': rows}, indent=1) + '\n')
+    report(out)
+
+
+def _label(r):
+    if r['kind'] == 'float':
+        return 'float32'
+    if r['kind'] == 'uniform QAT':
+        return f"uniform QAT W{r['bits']}A{r['bits']}"
+    return f"{r['kind']}, {r['hardware']}, λ {r['lambda']}"
+
+
+def _act_mean(r):
+    if r['layer_bits']:
+        acts = list(r['layer_bits']['activations'].values())
+        return sum(acts) / len(acts)
+    return {'float': 32}.get(r['kind'], r.get('bits'))
+
+
+def report(out):
+    out = Path(out)
+    data = json.loads((out / 'results.json').read_text())
+    rows, metric = data['rows'], data['metric']
+    float_row = next(r for r in rows if r['kind'] == 'float')
+    lines = [f'| model | mean W bits | mean A bits | size (KiB) | size / float | '
+             f'bit operations (G) | val {metric} | test {metric} | front |',
+             '|---|---|---|---|---|---|---|---|---|']
+    better = (lambda x, y: x >= y) if metric == 'iou' else (lambda x, y: x <= y)
+    for r in rows:
+        # on the Pareto front (size, test metric): no other point at most as large and better
+        dominated = any(o is not r and o['model_size_bits'] <= r['model_size_bits']
+                        and better(o['test'], r['test'])
+                        and (o['model_size_bits'] < r['model_size_bits']
+                             or o['test'] != r['test']) for o in rows)
+        lines.append('| ' + ' | '.join([
+            _label(r), f"{r['mean_weight_bits']:.2f}", f'{_act_mean(r):.2f}',
+            f"{r['model_size_bits'] / 8 / 1024:.0f}",
+            f"1/{float_row['model_size_bits'] / r['model_size_bits']:.1f}",
+            f"{r['bitops'] / 1e9:.0f}", f"{r['val']:.4f}", f"{r['test']:.4f}",
+            '' if dominated else 'yes']) + ' |')
+    (out / 'table.md').write_text('\n'.join(lines) + '\n')
+    learned = [r for r in rows if r['layer_bits'] and r['kind'] == 'learned per layer']
+    if learned:
+        layers = list(learned[0]['layer_bits']['weights'])
+        acts = list(learned[0]['layer_bits']['activations'])
+        head = '| layer | ' + ' | '.join(f"{r['hardware']} λ {r['lambda']}" for r in learned)
+        w = [head + ' |', '|---|' + '---|' * len(learned)]
+        w += ['| W ' + n + ' | ' + ' | '.join(str(r['layer_bits']['weights'][n])
+                                              for r in learned) + ' |' for n in layers]
+        w += ['| A ' + n + ' | ' + ' | '.join(str(r['layer_bits']['activations'][n])
+                                              for r in learned) + ' |' for n in acts]
+        (out / 'widths.md').write_text('\n'.join(w) + '\n')
+    plot(rows, metric, out / 'pareto.png')
+
+
+def plot(rows, metric, path):
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    styles = {'float': ('k', '*'), 'uniform QAT': ('tab:blue', 'o'),
+              'learned uniform': ('tab:green', 's')}
+    hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
+    for ax, key, label in ((axes[0], 'model_size_bits', 'model size (KiB, weights only)'),
+                           (axes[1], 'bitops', 'bit operations per frame (G)')):
+        scale = 8 * 1024 if key == 'model_size_bits' else 1e9
+        groups = {}
+        for r in rows:
+            g = r['kind'] if r['kind'] != 'learned per layer' else f"per layer, {r['hardware']}"
+            groups.setdefault(g, []).append(r)
+        for g, rs in groups.items():
+            rs = sorted(rs, key=lambda r: r[key])
+            if g.startswith('per layer'):
+                color, marker = hw_colors[rs[0]['hardware']], '^'
+            else:
+                color, marker = styles[g]
+            ax.plot([r[key] / scale for r in rs], [r['test'] for r in rs], marker=marker,
+                    color=color, ls='-' if len(rs) > 1 else '', label=g)
+            for r in rs:
+                tag = (f"{r['bits']}b" if r['kind'] == 'uniform QAT' else
+                       f"λ{r['lambda']}" if 'lambda' in r else '')
+                if tag:
+                    ax.annotate(tag, (r[key] / scale, r['test']), fontsize=7,
+                                xytext=(3, 3), textcoords='offset points')
+        ax.set_xscale('log')
+        ax.set_xlabel(label)
+        ax.set_ylabel(f'test {metric.upper()}' + (' (lower is better)' if metric == 'epe'
+                                                  else ''))
+        ax.grid(alpha=0.3, which='both')
+    axes[0].legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
+def main():
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
+    p.add_argument('task', choices=['seg', 'flow'])
+    p.add_argument('--float', help='float checkpoint every run starts from')
+    p.add_argument('--test', help='held-out test folder (lane-seg eval --data)')
+    p.add_argument('--out', required=True)
+    p.add_argument('--replot', action='store_true', help='table and plot from results.json')
+    p.add_argument('--uniform-bits', type=int, nargs='+', default=[8, 6, 4, 2])
+    p.add_argument('--hardware', nargs='+', default=['size', 'bitops'])
+    p.add_argument('--lambdas', type=float, nargs='+', default=[0.9, 0.97, 0.99, 0.997])
+    p.add_argument('--epochs', type=int, default=2)
+    p.add_argument('--max-train', type=int, default=800)
+    p.add_argument('--lr', type=float, default=5e-5)
+    p.add_argument('--max-val', type=int, default=50)
+    p.add_argument('--bits-every', type=int, default=4)
+    p.add_argument('--bits-optimizer', default='adam')
+    p.add_argument('--bits-lr', type=float, default=0.15)
+    p.add_argument('--alpha', type=float, default=4.0)
+    p.add_argument('--limit', type=int, default=0, help='first N test frames only')
+    p.add_argument('--data', default='cache:/work/cache/train')
+    p.add_argument('--val', default='cache:/work/cache/val')
+    a = p.parse_args()
+    if a.replot:
+        report(a.out)
+    else:
+        run(a)
+
+
+if __name__ == '__main__':
+    main()
