@@ -18,7 +18,8 @@ import time
 
 import cv2
 from lane_seg.bag.convert import MessageConverter, UnknownTypeError
-from lane_seg.bag.eval import evaluate_bag, format_report, PipelineUnavailableError
+from lane_seg.bag.eval import (evaluate_bag, flow_runner, format_report, lane_runner,
+                               PipelineUnavailableError, replay)
 from lane_seg.bag.io import (BAG_VERSION, BagError, BagReader, BagWriter, CAMERA_INFO_TOPIC,
                              DecodeError, GT_FLOW_TOPIC, GT_FLOW_VALID_TOPIC, GT_LANE_IDS_TOPIC,
                              GT_LANE_MASK_TOPIC, IMAGE_TOPIC, make_header, make_image,
@@ -674,6 +675,40 @@ def test_eval_run_pipeline_path_with_stand_in_pipelines(tmp_path):
     assert report['flow']['epe'] == 0.0 and report['flow']['matched'] == 3
     assert report['latency']['mask']['source'] == 'pipeline'
     assert report['latency']['mask']['count'] == 4
+
+
+def test_replay_feeds_every_camera_frame_like_bag_eval(tmp_path):
+    drive = list(SyntheticDrive(DriveConfig.sized(SEED, 24, 48)).frames(4))
+    bag = tmp_path / 'in'
+    make_bag(bag, frames=4, seed=SEED, height=24, width=48)
+    truth = {np.ascontiguousarray(f.image).tobytes()[:64]: np.where(f.lane_mask > 0, 255, 0)
+             for f in drive}
+    masks = replay(bag, lane_runner(_FakeLanes(truth)))
+    stamps = sorted(masks)
+    assert stamps == [EPOCH_NS + i * PERIOD_NS for i in range(4)]
+    for stamp, f in zip(stamps, drive):
+        np.testing.assert_array_equal(masks[stamp], np.where(f.lane_mask > 0, 255, 0))
+
+    class Flow:
+        def __init__(self):
+            self.resets, self.prev = [], None
+
+        def reset(self, reason):
+            self.resets.append(reason)
+
+        def __call__(self, image, encoding, stamp_s):
+            prev, self.prev = self.prev, stamp_s
+            return None if prev is None else np.full((24, 48, 2), stamp_s - prev, np.float32)
+
+    fp = Flow()
+    flows = replay(bag, flow_runner(fp))
+    assert fp.resets == ['bag eval start'] and sorted(flows) == stamps[1:]
+    assert all(np.allclose(v, PERIOD_NS / 1e9) for v in flows.values())
+
+    def broken(image, encoding, stamp_s):
+        raise ValueError('no lanes today')
+    with pytest.raises(ValueError, match='4 frames could not be used.*no lanes today'):
+        replay(bag, broken)
 
 
 def _frame_of(messages, drive):

@@ -16,8 +16,8 @@ from pathlib import Path
 import tempfile
 
 import cv2
-from lane_seg.bag.eval import (_pipeline_outputs, _run_flow, _run_lanes, evaluate_bag,
-                               load_pipelines)
+from lane_seg.bag.eval import (evaluate_bag, flow_runner, lane_runner, load_pipelines,
+                               replay)
 from lane_seg.bag.io import BagReader, header_stamp_ns, IMAGE_TOPIC
 from lane_seg.bag.make import make_bag
 from lane_seg.flow.viz import flow_to_color
@@ -40,16 +40,6 @@ def camera_image(bag_path, stamp):
     raise LookupError(f'no camera image at {stamp}')
 
 
-def replay(bag_path, run):
-    """Return ``{stamp: output}`` of one pipeline run over the bag as ``bag eval`` runs it."""
-    errors = []
-    out = {stamp: value for stamp, (value, _) in
-           _pipeline_outputs(bag_path, IMAGE_TOPIC, run, [], errors)}
-    if errors:
-        raise RuntimeError(f'pipeline errors: {errors[:3]}')
-    return out
-
-
 def caption(tile, text):
     out = tile.copy()
     cv2.rectangle(out, (0, 0), (out.shape[1], 34), (0, 0, 0), -1)
@@ -66,8 +56,8 @@ def main():
         bag = args.keep or Path(tmp) / 'drive_bag'
         make_bag(bag, frames=FRAMES, seed=SEED, height=HEIGHT, width=WIDTH)
         lanes, flow = load_pipelines()
-        masks = replay(bag, _run_lanes(lanes))
-        flows = replay(bag, _run_flow(flow))
+        masks = replay(bag, lane_runner(lanes))
+        flows = replay(bag, flow_runner(flow))
         stamp = sorted(masks)[SHOW]
         image = camera_image(bag, stamp)
         mask = masks[stamp] > 0

@@ -35,6 +35,9 @@ def sweep(a):
     for b in a.uniform_bits:
         runs.append((f'uniform_w{b}a{b}', ['--quant-bits', str(b)],
                      {'kind': 'uniform QAT', 'bits': b}))
+    for b in a.weight_only_bits:   # the same model size as W{b}A{b}, 8-bit activations
+        runs.append((f'uniform_w{b}a8', ['--quant-bits', str(b), '--act-bits', '8'],
+                     {'kind': 'uniform QAT, 8-bit activations', 'bits': b}))
     bits_args = ['--bits-every', str(a.bits_every), '--bits-optimizer', a.bits_optimizer,
                  '--bits-lr', str(a.bits_lr), '--bits-alpha', str(a.alpha)]
     runs.append(('learned_uniform_sum_bits_0.97',
@@ -127,6 +130,8 @@ def _label(r):
         return 'float32'
     if r['kind'] == 'uniform QAT':
         return f"uniform QAT W{r['bits']}A{r['bits']}"
+    if r['kind'] == 'uniform QAT, 8-bit activations':
+        return f"uniform QAT W{r['bits']}A8"
     return f"{r['kind']}, {r['hardware']}, λ {r['lambda']}"
 
 
@@ -134,6 +139,8 @@ def _act_mean(r):
     if r['layer_bits']:
         acts = list(r['layer_bits']['activations'].values())
         return sum(acts) / len(acts)
+    if r['kind'] == 'uniform QAT, 8-bit activations':
+        return 8
     return {'float': 32}.get(r['kind'], r.get('bits'))
 
 
@@ -179,6 +186,7 @@ def plot(rows, metric, path):
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
     styles = {'float': ('k', '*'), 'uniform QAT': ('tab:blue', 'o'),
+              'uniform QAT, 8-bit activations': ('tab:cyan', 'D'),
               'learned uniform': ('tab:green', 's')}
     hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
     for ax, key, label in ((axes[0], 'model_size_bits', 'model size (KiB, weights only)'),
@@ -197,7 +205,7 @@ def plot(rows, metric, path):
             ax.plot([r[key] / scale for r in rs], [r['test'] for r in rs], marker=marker,
                     color=color, ls='-' if len(rs) > 1 else '', label=g)
             for r in rs:
-                tag = (f"{r['bits']}b" if r['kind'] == 'uniform QAT' else
+                tag = (f"{r['bits']}b" if r['kind'].startswith('uniform QAT') else
                        f"λ{r['lambda']}" if 'lambda' in r else '')
                 if tag:
                     ax.annotate(tag, (r[key] / scale, r['test']), fontsize=7,
@@ -220,6 +228,8 @@ def main():
     p.add_argument('--out', required=True)
     p.add_argument('--replot', action='store_true', help='table and plot from results.json')
     p.add_argument('--uniform-bits', type=int, nargs='+', default=[8, 6, 4, 2])
+    p.add_argument('--weight-only-bits', type=int, nargs='*', default=[4, 3, 2],
+                   help='uniform QAT of the weights at these widths, activations at 8 bits')
     p.add_argument('--hardware', nargs='+', default=['size', 'bitops'])
     p.add_argument('--lambdas', type=float, nargs='+', default=[0.9, 0.97, 0.99, 0.997])
     p.add_argument('--epochs', type=int, default=2)

@@ -367,13 +367,15 @@ def _pipeline_outputs(path, image_topic, run, timings, errors):
     errors.extend(f'camera: {w}' for w in stream.warnings)
 
 
-def _run_lanes(pipe):
+def lane_runner(pipe):
+    """Wrap a lane pipeline as ``run(image, encoding, stamp_s) -> mask`` for :func:`replay`."""
     def run(image, encoding, stamp_s):
         return pipe(image, encoding).mask
     return run
 
 
-def _run_flow(fp):
+def flow_runner(fp):
+    """Wrap a flow pipeline as ``run(image, encoding, stamp_s) -> flow or None``; resets it."""
     if hasattr(fp, 'reset'):   # a pipeline used before: forget its last frame
         fp.reset('bag eval start')
 
@@ -383,6 +385,22 @@ def _run_flow(fp):
             return res
         return res.flow
     return run
+
+
+def replay(path, run, image_topic=IMAGE_TOPIC) -> dict:
+    """
+    Return ``{stamp_ns: output}`` of one pipeline run over a bag's camera images.
+
+    ``run`` is :func:`lane_runner` or :func:`flow_runner` of a loaded pipeline (or any
+    ``run(image, encoding, stamp_s)``); frames are fed exactly as ``bag eval`` feeds them.
+    A frame the pipeline cannot use raises ``ValueError`` naming the first ones.
+    """
+    errors = []
+    out = {stamp: value for stamp, (value, _) in
+           _pipeline_outputs(path, image_topic, run, [], errors)}
+    if errors:
+        raise ValueError(f'{path}: {len(errors)} frames could not be used: {errors[:3]}')
+    return out
 
 
 # ------------------------------------------------------------------------- entry point
@@ -455,10 +473,10 @@ def evaluate_bag(input_path, output_path=None, mask_topic=None, flow_topic=None,
         timings = {'mask': [], 'flow': []}
         errors = {'mask': [], 'flow': []}
         if lanes is not None:
-            streams['mask'] = _pipeline_outputs(input_path, image_topic, _run_lanes(lanes),
+            streams['mask'] = _pipeline_outputs(input_path, image_topic, lane_runner(lanes),
                                                 timings['mask'], errors['mask'])
         if flow is not None:
-            streams['flow'] = _pipeline_outputs(input_path, image_topic, _run_flow(flow),
+            streams['flow'] = _pipeline_outputs(input_path, image_topic, flow_runner(flow),
                                                 timings['flow'], errors['flow'])
         out_streams = {}
     else:
