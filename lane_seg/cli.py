@@ -126,8 +126,9 @@ def _add_eval(verbs):
                           ('flow', ['folder', 'kitti'])):
         p = tasks.add_parser(task)
         p.add_argument('--model', default=None,
-                       help='a model path (ONNX or checkpoint) or a shipped name: int8, fp32 '
-                       '(default: the shipped int8 model)')
+                       help='a model path (ONNX or checkpoint) or a shipped name: int8, fp32, '
+                       'mixed (learned per-layer widths; lanes) (default: the shipped int8 '
+                       'model)')
         if task == 'flow':
             p.add_argument('--method', choices=OPENCV_METHODS, default=None,
                            help='evaluate an OpenCV method instead of a model')

@@ -25,8 +25,8 @@ def _latency(ms):
 
 
 def _model_path(model, task):
-    from .resources import shipped_model
-    if model in (None, 'int8', 'fp32'):
+    from .resources import PRECISIONS, shipped_model
+    if model is None or model in PRECISIONS:
         return str(shipped_model('lanes' if task == 'seg' else 'flow', model or 'int8'))
     return model
 

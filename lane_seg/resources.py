@@ -12,7 +12,7 @@ import sys
 PACKAGE = 'lane_seg'
 MODEL_STEMS = {'lane_segmentation': 'lane_unet', 'lanes': 'lane_unet', 'lane': 'lane_unet',
                'optical_flow': 'flow', 'flow': 'flow'}
-PRECISIONS = ('int8', 'fp32')
+PRECISIONS = ('int8', 'fp32', 'mixed')   # mixed: learned per-layer widths in int8 containers
 
 
 class ResourceError(FileNotFoundError):
@@ -64,6 +64,8 @@ def model_filename(task: str, precision: str = 'int8', backend: str = 'onnxrunti
         raise ValueError(f'precision {precision!r} not one of {PRECISIONS}')
     if precision == 'fp32':
         return f'{stem}_fp32.onnx'
+    if precision == 'mixed':
+        stem += '_mixed'
     return f'{stem}_int8_qdq.onnx' if backend == 'tensorrt' else f'{stem}_int8_ort.onnx'
 
 
@@ -71,8 +73,9 @@ def shipped_model(task: str, precision: str = 'int8', backend: str = 'onnxruntim
     """
     Path of a shipped model (``models/`` in the share directory).
 
-    ``task``: 'lanes' or 'flow' (or the metadata task names); ``precision``: 'int8' or
-    'fp32'. Raises ResourceError naming every place looked in when the file is missing.
+    ``task``: 'lanes' or 'flow' (or the metadata task names); ``precision``: 'int8',
+    'fp32' or 'mixed' (learned per-layer widths, shipped for the lane model). Raises
+    ResourceError naming every place looked in when the file is missing.
     """
     name = model_filename(task, precision, backend)
     dirs = share_dirs()

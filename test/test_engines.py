@@ -339,6 +339,13 @@ def test_shipped_models_resolve_per_backend_and_missing_ones_say_where(
     assert resources.shipped_model('lanes', 'int8', 'tensorrt').name == 'lane_unet_int8_qdq.onnx'
     assert resources.shipped_model('lane_segmentation', 'fp32').name == 'lane_unet_fp32.onnx'
     assert resources.model_filename('flow', 'int8') == 'flow_int8_ort.onnx'
+    assert resources.model_filename('lanes', 'mixed') == 'lane_unet_mixed_int8_ort.onnx'
+    assert resources.model_filename('lanes', 'mixed', 'tensorrt') == \
+        'lane_unet_mixed_int8_qdq.onnx'
+    with pytest.raises(resources.ResourceError, match='lane_unet_mixed_int8_ort.onnx'):
+        resources.shipped_model('lanes', 'mixed')   # not copied into this share
+    with pytest.raises(ValueError, match='precision'):
+        resources.model_filename('lanes', 'int4')
     assert resources.sibling_model(share / 'models' / 'lane_unet_int8_ort.onnx', 'int8_qdq') \
         == share / 'models' / 'lane_unet_int8_qdq.onnx'
     assert resources.sibling_model(share / 'models' / 'lane_unet_fp32.onnx', 'int8_x') is None

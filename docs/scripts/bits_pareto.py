@@ -32,6 +32,9 @@ METRIC = {'seg': 'iou', 'flow': 'epe'}
 def sweep(a):
     """Return the run list: (name, extra train arguments, description fields)."""
     runs = [('float', None, {'kind': 'float'})]
+    for b in a.ptq_bits:   # calibration only: no training (epochs 0)
+        runs.append((f'ptq_w{b}a{b}', ['--quant-bits', str(b), '--epochs', '0'],
+                     {'kind': 'uniform PTQ', 'bits': b}))
     for b in a.uniform_bits:
         runs.append((f'uniform_w{b}a{b}', ['--quant-bits', str(b)],
                      {'kind': 'uniform QAT', 'bits': b}))
@@ -62,6 +65,8 @@ def train(a, name, extra, runs_dir):
            '--max-val', str(a.max_val), '--data', a.data, '--val', a.val]
     if extra is None:    # the float reference: evaluation only
         cmd += ['--epochs', '0']
+    elif '--epochs' in extra:   # PTQ: calibration only
+        cmd += extra
     else:
         cmd += ['--epochs', str(a.epochs), '--max-train', str(a.max_train), '--lr', str(a.lr)]
         cmd += extra
@@ -130,6 +135,8 @@ def _label(r):
         return 'float32'
     if r['kind'] == 'uniform QAT':
         return f"uniform QAT W{r['bits']}A{r['bits']}"
+    if r['kind'] == 'uniform PTQ':
+        return f"uniform PTQ W{r['bits']}A{r['bits']}"
     if r['kind'] == 'uniform QAT, 8-bit activations':
         return f"uniform QAT W{r['bits']}A8"
     return f"{r['kind']}, {r['hardware']}, λ {r['lambda']}"
@@ -181,43 +188,56 @@ def report(out):
 
 
 def plot(rows, metric, path):
+    """Accuracy against model size and bit operations; the second row zooms in on float."""
     import matplotlib
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
-    fig, axes = plt.subplots(1, 2, figsize=(11, 4.2), dpi=110)
+    fig, axes = plt.subplots(2, 2, figsize=(12, 8.4), dpi=110)
     styles = {'float': ('k', '*'), 'uniform QAT': ('tab:blue', 'o'),
               'uniform QAT, 8-bit activations': ('tab:cyan', 'D'),
+              'uniform PTQ': ('tab:gray', 'x'),
               'learned uniform': ('tab:green', 's')}
     hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
-    for ax, key, label in ((axes[0], 'model_size_bits', 'model size (KiB, weights only)'),
-                           (axes[1], 'bitops', 'bit operations per frame (G)')):
-        scale = 8 * 1024 if key == 'model_size_bits' else 1e9
-        groups = {}
-        for r in rows:
-            g = r['kind'] if r['kind'] != 'learned per layer' else f"per layer, {r['hardware']}"
-            groups.setdefault(g, []).append(r)
-        for g, rs in groups.items():
-            rs = sorted(rs, key=lambda r: r[key])
-            if g.startswith('per layer'):
-                color, marker = hw_colors[rs[0]['hardware']], '^'
-            else:
-                color, marker = styles[g]
-            ax.plot([r[key] / scale for r in rs], [r['test'] for r in rs], marker=marker,
-                    color=color, ls='-' if len(rs) > 1 else '', label=g)
-            for r in rs:
-                tag = (f"{r['bits']}b" if r['kind'].startswith('uniform QAT') else
-                       f"λ{r['lambda']}" if 'lambda' in r else '')
-                if tag:
-                    ax.annotate(tag, (r[key] / scale, r['test']), fontsize=7,
-                                xytext=(3, 3), textcoords='offset points')
-        ax.set_xscale('log')
-        ax.set_xlabel(label)
-        ax.set_ylabel(f'test {metric.upper()}' + (' (lower is better)' if metric == 'epe'
-                                                  else ''))
-        ax.grid(alpha=0.3, which='both')
-    axes[0].legend(fontsize=8)
+    ref = next(r['test'] for r in rows if r['kind'] == 'float')
+    zoom = (ref - 0.04, ref + 0.012) if metric == 'iou' else (ref * 0.85, ref * 1.45)
+    for row, limits in ((0, None), (1, zoom)):
+        for ax, key, label in ((axes[row][0], 'model_size_bits',
+                                'model size (KiB, weights only)'),
+                               (axes[row][1], 'bitops', 'bit operations per frame (G)')):
+            _draw(ax, rows, key, label, metric, styles, hw_colors, limits)
+    axes[0][0].legend(fontsize=8)
+    axes[1][0].set_title(f'zoom: test {metric.upper()} near float', fontsize=9)
     fig.tight_layout()
     fig.savefig(path)
+
+
+def _draw(ax, rows, key, label, metric, styles, hw_colors, limits):
+    scale = 8 * 1024 if key == 'model_size_bits' else 1e9
+    groups = {}
+    for r in rows:
+        g = r['kind'] if r['kind'] != 'learned per layer' else f"per layer, {r['hardware']}"
+        groups.setdefault(g, []).append(r)
+    for g, rs in groups.items():
+        rs = sorted(rs, key=lambda r: r[key])
+        if g.startswith('per layer'):
+            color, marker = hw_colors[rs[0]['hardware']], '^'
+        else:
+            color, marker = styles[g]
+        ax.plot([r[key] / scale for r in rs], [r['test'] for r in rs], marker=marker,
+                color=color, ls='-' if len(rs) > 1 else '', label=g)
+        for r in rs:
+            tag = (f"{r['bits']}b" if r['kind'].startswith('uniform') else
+                   f"λ{r['lambda']}" if 'lambda' in r else '')
+            inside = limits is None or limits[0] <= r['test'] <= limits[1]
+            if tag and inside:
+                ax.annotate(tag, (r[key] / scale, r['test']), fontsize=7,
+                            xytext=(3, 3), textcoords='offset points')
+    ax.set_xscale('log')
+    if limits is not None:
+        ax.set_ylim(*limits)
+    ax.set_xlabel(label)
+    ax.set_ylabel(f'test {metric.upper()}' + (' (lower is better)' if metric == 'epe' else ''))
+    ax.grid(alpha=0.3, which='both')
 
 
 def main():
@@ -228,6 +248,8 @@ def main():
     p.add_argument('--out', required=True)
     p.add_argument('--replot', action='store_true', help='table and plot from results.json')
     p.add_argument('--uniform-bits', type=int, nargs='+', default=[8, 6, 4, 2])
+    p.add_argument('--ptq-bits', type=int, nargs='*', default=[8, 6, 4],
+                   help='uniform PTQ (calibration only) at these widths')
     p.add_argument('--weight-only-bits', type=int, nargs='*', default=[4, 3, 2],
                    help='uniform QAT of the weights at these widths, activations at 8 bits')
     p.add_argument('--hardware', nargs='+', default=['size', 'bitops'])

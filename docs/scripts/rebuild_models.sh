@@ -33,3 +33,14 @@ $BIN/lane-seg train flow --init $RUNS/flow_fp32b/flow_fp32b.safetensors --quant-
   --epochs 0 --out $RUNS/flow_int8_ptq --max-val 10
 $BIN/lane-seg export flow --float $RUNS/flow_fp32b/flow_fp32b.safetensors \
   --int8 $RUNS/flow_int8_ptq/flow_int8_ptq.safetensors --out models --name flow
+# Lane U-Net with learned per-layer widths (issue 8; docs/learned_bits.md): model-size loss,
+# lambda 0.97, from the float model, 4 epochs on the 800x600 renders; shipped as int8 containers.
+$BIN/lane-seg train seg --init $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
+  --data cache:$CACHE/train800 --val cache:$CACHE/val --epochs 4 --lr 1e-4 --max-val 50 \
+  --quant-bits 8 --learn-bits per_layer --bits-hardware size --bits-lambda 0.97 \
+  --bits-every 2 --bits-optimizer adam --bits-lr 0.15 --bits-alpha 4 \
+  --out $RUNS/learned_per_layer_size_0.97
+$BIN/lane-seg export seg --float $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
+  --int8 $RUNS/learned_per_layer_size_0.97/learned_per_layer_size_0.97.safetensors \
+  --out $RUNS/lane_unet_mixed --name lane_unet_mixed
+cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort}.{onnx,json} models/
