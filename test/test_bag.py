@@ -690,6 +690,7 @@ def test_replay_feeds_every_camera_frame_like_bag_eval(tmp_path):
         np.testing.assert_array_equal(masks[stamp], np.where(f.lane_mask > 0, 255, 0))
 
     class Flow:
+
         def __init__(self):
             self.resets, self.prev = [], None
 

@@ -31,7 +31,10 @@ METRIC = {'seg': 'iou', 'flow': 'epe'}
 
 def sweep(a):
     """Return the run list: (name, extra train arguments, description fields)."""
-    runs = [('float', None, {'kind': 'float'})]
+    runs = [('float', None, {'kind': 'float'}),
+            # the float model given the same fine-tuning budget as every QAT run: separates
+            # what quantization costs from what the extra training brings
+            ('float_finetuned', [], {'kind': 'float, same fine-tuning'})]
     for b in a.ptq_bits:   # calibration only: no training (epochs 0)
         runs.append((f'ptq_w{b}a{b}', ['--quant-bits', str(b), '--epochs', '0'],
                      {'kind': 'uniform PTQ', 'bits': b}))
@@ -133,6 +136,8 @@ def run(a):
 def _label(r):
     if r['kind'] == 'float':
         return 'float32'
+    if r['kind'] == 'float, same fine-tuning':
+        return 'float32, same fine-tuning as QAT'
     if r['kind'] == 'uniform QAT':
         return f"uniform QAT W{r['bits']}A{r['bits']}"
     if r['kind'] == 'uniform PTQ':
@@ -148,7 +153,7 @@ def _act_mean(r):
         return sum(acts) / len(acts)
     if r['kind'] == 'uniform QAT, 8-bit activations':
         return 8
-    return {'float': 32}.get(r['kind'], r.get('bits'))
+    return {'float': 32, 'float, same fine-tuning': 32}.get(r['kind'], r.get('bits'))
 
 
 def report(out):
@@ -193,13 +198,15 @@ def plot(rows, metric, path):
     matplotlib.use('Agg')
     import matplotlib.pyplot as plt
     fig, axes = plt.subplots(2, 2, figsize=(12, 8.4), dpi=110)
-    styles = {'float': ('k', '*'), 'uniform QAT': ('tab:blue', 'o'),
+    styles = {'float': ('k', '*'), 'float, same fine-tuning': ('k', 'P'),
+              'uniform QAT': ('tab:blue', 'o'),
               'uniform QAT, 8-bit activations': ('tab:cyan', 'D'),
               'uniform PTQ': ('tab:gray', 'x'),
               'learned uniform': ('tab:green', 's')}
     hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
-    ref = next(r['test'] for r in rows if r['kind'] == 'float')
-    zoom = (ref - 0.04, ref + 0.012) if metric == 'iou' else (ref * 0.85, ref * 1.45)
+    refs = [r['test'] for r in rows if r['kind'].startswith('float')]
+    zoom = ((min(refs) - 0.04, max(refs) + 0.012) if metric == 'iou'
+            else (min(refs) * 0.9, max(refs) * 1.45))
     for row, limits in ((0, None), (1, zoom)):
         for ax, key, label in ((axes[row][0], 'model_size_bits',
                                 'model size (KiB, weights only)'),

@@ -53,6 +53,12 @@ def parse_args(argv=None):
     parser.add_argument('--qos', choices=['best_effort', 'reliable'], default='best_effort',
                         help='reliability of the camera subscriptions of both nodes '
                         '(default best_effort, as the nodes default to)')
+    parser.add_argument('--fastdds-transports', metavar='VALUE', default=None,
+                        help='FASTDDS_BUILTIN_TRANSPORTS for every process, e.g. LARGE_DATA '
+                        '(Fast DDS: UDP for discovery, SHM/TCP for data); default: unset')
+    parser.add_argument('--fastdds-profile', metavar='XML', default=None,
+                        help='FASTDDS_DEFAULT_PROFILES_FILE for every process, e.g. '
+                        'config/fastdds_large_images.xml; default: unset')
     parser.add_argument('--threads', type=int, default=1,
                         help='engine threads per node (default 1: 3 processes share 2 cores)')
     parser.add_argument('--rate', type=float, default=30.0, help='camera rate (Hz)')
@@ -342,7 +348,12 @@ def write_markdown(path, report):
               f'{fmt(report["warmup_s"], 0)} s of start-up and warm-up; camera at '
               f'{report["args"]["rate"]:g} Hz, 800x600 `bgra8`, {report["args"]["loop_frames"]} '
               f'pre-rendered frames looped; engine threads {report["args"]["threads"]} per node; '
-              'overlay and flow_vis on (the defaults).', '', '## Targets', '',
+              'overlay and flow_vis on (the defaults); Fast DDS builtin transports: '
+              + (f'`FASTDDS_BUILTIN_TRANSPORTS={report["args"]["fastdds_transports"]}`'
+                 if report['args'].get('fastdds_transports') else
+                 f'the profile `{report["args"]["fastdds_profile"]}`'
+                 if report['args'].get('fastdds_profile') else 'the default (UDP + SHM)')
+              + '.', '', '## Targets', '',
               '| target | rule | measured | met |', '|---|---|---|---|']
     t = res['targets']
     n = res['nodes']
@@ -446,6 +457,10 @@ def main(argv=None):
         return finish(report, os.path.splitext(args.reanalyse)[0])
     os.environ['ROS_DOMAIN_ID'] = str(args.domain_id)
     os.environ.setdefault('ROS_AUTOMATIC_DISCOVERY_RANGE', 'LOCALHOST')
+    if args.fastdds_transports:   # before rclpy.init: the listener uses the same transports
+        os.environ['FASTDDS_BUILTIN_TRANSPORTS'] = args.fastdds_transports
+    if args.fastdds_profile:
+        os.environ['FASTDDS_DEFAULT_PROFILES_FILE'] = os.path.abspath(args.fastdds_profile)
     os.makedirs(args.out, exist_ok=True)
     cmds = node_commands(args)
     logs = {name: open(os.path.join(args.out, f'.{args.name}_{name}.log'), 'w')
