@@ -14,7 +14,7 @@ import os
 from ament_index_python.packages import get_package_share_directory, PackageNotFoundError
 from launch import LaunchDescription
 from launch.actions import (DeclareLaunchArgument, IncludeLaunchDescription, LogInfo,
-                            OpaqueFunction)
+                            OpaqueFunction, SetEnvironmentVariable)
 from launch.conditions import IfCondition
 from launch.launch_description_sources import PythonLaunchDescriptionSource
 from launch.substitutions import LaunchConfiguration
@@ -42,6 +42,7 @@ def _carla_bridge(context):
 
 def generate_launch_description():
     share = get_package_share_directory('lane_seg')
+    fastdds_profile = os.path.join(share, 'config', 'fastdds_large_images.xml')
     lane_params = os.path.join(share, 'config', 'lane_seg.yaml')
     flow_params = os.path.join(share, 'config', 'flow.yaml')
     rviz_config = os.path.join(share, 'config', 'lane_seg.rviz')
@@ -52,6 +53,13 @@ def generate_launch_description():
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
     lane_gt = ParameterValue(LaunchConfiguration('lane_gt_topic'), value_type=str)
     return LaunchDescription([
+        DeclareLaunchArgument('large_image_transport', default_value='false',
+                              description='Fast DDS profile config/fastdds_large_images.xml '
+                                          '(32 MB shared-memory segment: 800x600 frames at 30 '
+                                          'Hz) for every process this launch starts'),
+        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', fastdds_profile,
+                               condition=IfCondition(LaunchConfiguration(
+                                   'large_image_transport'))),
         DeclareLaunchArgument('camera_topic', default_value='/carla/ego_vehicle/rgb_front/image',
                               description='camera image topic (the CARLA bridge front RGB)'),
         DeclareLaunchArgument('camera_info_topic',

@@ -14,7 +14,8 @@ import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument, ExecuteProcess, OpaqueFunction
+from launch.actions import (DeclareLaunchArgument, ExecuteProcess, OpaqueFunction,
+                            SetEnvironmentVariable)
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -32,6 +33,7 @@ def _bag_play(context):
 
 def generate_launch_description():
     share = get_package_share_directory('lane_seg')
+    fastdds_profile = os.path.join(share, 'config', 'fastdds_large_images.xml')
     lane_params = os.path.join(share, 'config', 'lane_seg.yaml')
     flow_params = os.path.join(share, 'config', 'flow.yaml')
     rviz_config = os.path.join(share, 'config', 'lane_seg.rviz')
@@ -40,6 +42,13 @@ def generate_launch_description():
     lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
     return LaunchDescription([
+        DeclareLaunchArgument('large_image_transport', default_value='true',
+                              description='Fast DDS profile config/fastdds_large_images.xml '
+                                          '(32 MB shared-memory segment: 800x600 frames at 30 '
+                                          'Hz) for every process this launch starts'),
+        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', fastdds_profile,
+                               condition=IfCondition(LaunchConfiguration(
+                                   'large_image_transport'))),
         DeclareLaunchArgument('bag', description='bag to replay (folder or .mcap/.db3)'),
         DeclareLaunchArgument('rate', default_value='1.0', description='playback rate'),
         DeclareLaunchArgument('loop', default_value='false', description='replay forever'),

@@ -4,14 +4,15 @@ The synthetic drive through both perception nodes: ``ros2 launch lane_seg sim.la
 ``camera_sim_node`` publishes the synthetic camera on the CARLA bridge's topics (and the
 ground truth, which the nodes use for live IoU / EPE); ``lane_seg_node`` and ``flow_node``
 subscribe to it. Parameters come from ``config/sim.yaml``. Arguments: ``backend``,
-``lane_model``, ``flow_model``, ``use_sim_time``, ``rviz``.
+``lane_model``, ``flow_model``, ``use_sim_time``, ``rviz``, ``large_image_transport`` (the Fast
+DDS profile ``config/fastdds_large_images.xml`` for all three processes; default true).
 """
 
 import os
 
 from ament_index_python.packages import get_package_share_directory
 from launch import LaunchDescription
-from launch.actions import DeclareLaunchArgument
+from launch.actions import DeclareLaunchArgument, SetEnvironmentVariable
 from launch.conditions import IfCondition
 from launch.substitutions import LaunchConfiguration
 from launch_ros.actions import Node
@@ -22,6 +23,7 @@ CAMERA = '/carla/ego_vehicle/rgb_front'
 
 def generate_launch_description():
     share = get_package_share_directory('lane_seg')
+    fastdds_profile = os.path.join(share, 'config', 'fastdds_large_images.xml')
     params = os.path.join(share, 'config', 'sim.yaml')
     rviz_config = os.path.join(share, 'config', 'lane_seg.rviz')
     use_sim_time = ParameterValue(LaunchConfiguration('use_sim_time'), value_type=bool)
@@ -29,6 +31,13 @@ def generate_launch_description():
     lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
     return LaunchDescription([
+        DeclareLaunchArgument('large_image_transport', default_value='true',
+                              description='Fast DDS profile config/fastdds_large_images.xml '
+                                          '(32 MB shared-memory segment: 800x600 frames at 30 '
+                                          'Hz) for every process this launch starts'),
+        SetEnvironmentVariable('FASTDDS_DEFAULT_PROFILES_FILE', fastdds_profile,
+                               condition=IfCondition(LaunchConfiguration(
+                                   'large_image_transport'))),
         DeclareLaunchArgument('backend', default_value='auto',
                               description='auto, onnxruntime, tensorrt or torch'),
         DeclareLaunchArgument('lane_model', default_value='',

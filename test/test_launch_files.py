@@ -254,6 +254,27 @@ def test_parameters_set_in_launch_files_are_real_and_valid(path):
     assert checked > 0
 
 
+@pytest.mark.parametrize('path', LAUNCH_FILES, ids=lambda p: p.name)
+def test_large_image_transport_sets_the_shipped_fast_dds_profile(path):
+    """The profile reaches every process the launch starts, switchable by an argument."""
+    launch = LaunchFile(path)
+    expected = 'false' if path.name == 'carla.launch.py' else 'true'  # the bridge runs apart
+    assert launch.arguments['large_image_transport'] == expected
+    (call,) = launch.by_name('SetEnvironmentVariable')
+    assert launch.value(call.args[0]) == 'FASTDDS_DEFAULT_PROFILES_FILE'
+    assert 'fastdds_large_images.xml' in launch.config_files()
+    assert (CONFIG / 'fastdds_large_images.xml').is_file()
+    condition = next(k.value for k in call.keywords if k.arg == 'condition')
+    assert ast.unparse(condition) == "IfCondition(LaunchConfiguration('large_image_transport'))"
+    # first in the description: set before any process (and the included bridge) starts
+    body = next(n for n in ast.walk(launch.tree) if isinstance(n, ast.Call)
+                and call_name(n) == 'LaunchDescription').args[0].elts
+    first_process = min(i for i, e in enumerate(body) if isinstance(e, ast.Call)
+                        and call_name(e) in ('Node', 'OpaqueFunction'))
+    index = next(i for i, e in enumerate(body) if e is call)
+    assert index < first_process
+
+
 def test_camera_qos_is_a_launch_argument_where_the_source_publishes_reliable():
     for name in ('carla.launch.py', 'replay.launch.py'):
         launch = LaunchFile(ROOT / 'launch' / name)
