@@ -992,7 +992,15 @@ def test_lane_seg_run_composes_the_nodes_and_writes_the_summary(tmp_path, tiny_m
         node = summary[name]
         assert node['startup_failure'] is None
         assert node['model']['backend'] == 'onnxruntime'
-        assert node['frames']['processed'] >= 10, node
+        # every received frame is accounted for: processed, dropped (newest frame wins),
+        # rejected, or a flow pair reset (first frame, gap), except at most two in flight
+        f = node['frames']
+        resets = sum(v for k, v in node.get('events', {}).items() if k.startswith('reset.'))
+        unaccounted = (f['received'] - f['processed'] - f['dropped']
+                       - sum(node.get('rejected', {}).values()) - resets)
+        assert 0 <= unaccounted <= 2, node
+        # a floor, not a rate: a loaded 2-core CI machine may drop most of a 20 Hz camera
+        assert f['processed'] >= 5, node
         assert node['end_to_end_ms']['p95'] is not None
         assert set(node['stages_ms']) == {'conversion', 'preprocess', 'inference',
                                           'postprocess', 'publish'}
