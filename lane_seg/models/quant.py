@@ -304,8 +304,15 @@ def act_quantizers(model: nn.Module):
 
 
 @torch.no_grad()
-def calibrate(model: nn.Module, batches) -> int:
-    """Set activation scales from the max |x| seen over ``batches`` (PTQ); returns count."""
+def calibrate(model: nn.Module, batches, reduce=None, example=None) -> int:
+    """
+    Set activation scales from the max |x| seen over ``batches`` (PTQ); returns the count.
+
+    ``reduce(quantizers)`` (distributed training) pools the observed ranges and moments over
+    the ranks before the scales are set. ``example`` is the input the bias quantizers are
+    linked with (default: the first sample of the last batch; a rank that saw no batch needs
+    one).
+    """
     quants = act_quantizers(model)
     for q in quants:
         q.calibrating = True
@@ -316,10 +323,14 @@ def calibrate(model: nn.Module, batches) -> int:
     for x in batches:
         model(x)
         n += 1
+    if reduce is not None:
+        reduce(quants)
     for q in quants:
         q.finish_calibration()
-    if n:
-        link_bias_quantizers(model, x[:1])
+    if example is None and n:
+        example = x[:1]
+    if example is not None:
+        link_bias_quantizers(model, example)
     return n
 
 

@@ -16,14 +16,15 @@ import cv2
 import numpy as np
 
 from .cache import Samples
-from .loop import fit, TrainTask
-from .seg import add_common_arguments, common_config, LANE_NORMALIZATION, run_metadata
+from .loop import run_task, TrainTask
+from .seg import (add_common_arguments, common_config, LANE_NORMALIZATION, run_metadata,
+                  RunConfig)
 from ..data import open_flow_dataset
 from ..pipeline.preprocess import prepare
 
 
 @dataclass
-class FlowTrainConfig:
+class FlowTrainConfig(RunConfig):
     """Everything a flow run depends on."""
 
     data: str = 'cache:/work/cache/train'
@@ -36,28 +37,6 @@ class FlowTrainConfig:
     batch: int = 8
     lr: float = 2e-3
     weight_decay: float = 1e-4
-    seed: int = 0
-    init: str = ''
-    quant_bits: int = 0
-    act_bits: int = 0
-    quant_scheme: str = 'ours'   # 'ours' or 'study' (see models.quant)
-    learn_bits: str = ''         # '', 'uniform' or 'per_layer' (issue #8)
-    bits_hardware: str = 'size'  # 'sum_bits', 'size' or 'bitops'
-    bits_lambda: float = 0.97
-    bits_alpha: float = 4.0
-    bits_lr: float = 0.05
-    bits_optimizer: str = 'sgd'  # 'sgd' (the study) or 'adam' for the widths
-    bits_every: int = 1
-    calib_batches: int = 16
-    max_val: int = 0
-    max_train: int = 0
-    threads: int = 2             # torch threads per process
-    workers: int = 0             # data-loading worker processes per rank (0: in-process)
-    resume: str = ''             # '', a last.safetensors, a run folder, or 'auto'
-    checkpoint_every: int = 0    # also write RUN/last.safetensors every N steps
-    stop_after: int = 0          # stop after this global step, state saved (0: run to the end)
-    sync_bn: bool = False        # torchrun: BatchNorm statistics of the global batch
-    device: str = 'auto'         # auto (this rank's GPU if any), cpu, cuda[:N]
 
 
 def flow_metadata(cfg: FlowTrainConfig, name: str) -> dict:
@@ -216,10 +195,7 @@ def train(cfg: FlowTrainConfig, log=print) -> dict:
     Returns the checkpoint path and the final metrics (on every rank), and 'stopped_at_step'
     when the run stopped early with its state in ``RUN/last.safetensors``.
     """
-    from .bits_hook import LearnBitsHook
-    hooks = [LearnBitsHook(cfg)] if cfg.learn_bits else []
-    result = fit(TASK, cfg, log, hooks=hooks)
-    return {k: result[k] for k in ('checkpoint', 'metrics', 'stopped_at_step') if k in result}
+    return run_task(TASK, cfg, log)
 
 
 def add_arguments(p: argparse.ArgumentParser):

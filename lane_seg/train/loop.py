@@ -208,27 +208,15 @@ def calibrate_synced(model, batches, limit: int, env: DistEnv, example) -> int:
     Each rank observes its batches; the ranges (max) and moments (sum) are all-reduced before
     the scales are set, so every rank gets the scales a single process would compute.
     """
-    import torch
-    from ..models.quant import act_quantizers, link_bias_quantizers
-    quants = act_quantizers(model)
-    for q in quants:
-        q.calibrating = True
-        q.running_max.zero_()
-        q.moments.zero_()
-    model.eval()
-    n = 0
-    with torch.no_grad():
-        for i, x in enumerate(itertools.islice(batches, limit)):
-            if i % env.world_size == env.rank:
-                model(x.to(env.device))
-                n += 1
+    from ..models.quant import calibrate
+    mine = (x.to(env.device) for i, x in enumerate(itertools.islice(batches, limit))
+            if i % env.world_size == env.rank)
+
+    def pool(quants):
         for q in quants:
             env.all_reduce(q.running_max, 'max')
             env.all_reduce(q.moments)
-    for q in quants:
-        q.finish_calibration()
-    link_bias_quantizers(model, example)
-    return n
+    return calibrate(model, mine, reduce=pool, example=example)
 
 
 class _StopOnSignal:
@@ -290,6 +278,21 @@ class StepContext:
     batch_loss: Callable      # () -> task loss of the global batch with the model as it is now
     env: DistEnv
     step: int                 # global step, counting from 1
+
+
+def run_task(task: TrainTask, cfg, log=print) -> dict:
+    """
+    Run ``fit`` with the hooks ``cfg`` asks for (``learn_bits``: the learned-width hook).
+
+    Returns the checkpoint path and the final metrics (on every rank), and 'stopped_at_step'
+    when the run stopped early with its state in ``RUN/last.safetensors``.
+    """
+    hooks = []
+    if cfg.learn_bits:
+        from .bits_hook import LearnBitsHook
+        hooks.append(LearnBitsHook(cfg))
+    result = fit(task, cfg, log, hooks=hooks)
+    return {k: result[k] for k in ('checkpoint', 'metrics', 'stopped_at_step') if k in result}
 
 
 def fit(task: TrainTask, cfg, log=print, hooks=()) -> dict:

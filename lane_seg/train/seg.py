@@ -21,7 +21,7 @@ import cv2
 import numpy as np
 
 from .cache import Samples
-from .loop import add_run_arguments, fit, run_arguments, TrainTask
+from .loop import add_run_arguments, run_arguments, run_task, TrainTask
 from ..data import open_lane_dataset
 from ..pipeline.preprocess import prepare, roi_box
 
@@ -30,24 +30,9 @@ LANE_NORMALIZATION = {'scale': 1.0 / 255.0, 'mean': [0.485, 0.456, 0.406],
 
 
 @dataclass
-class SegTrainConfig:
-    """Everything a run depends on (written into every checkpoint)."""
+class RunConfig:
+    """The settings both trainers share: seed, fine-tuning, quantization, limits, run control."""
 
-    data: str = 'cache:/work/cache/train'
-    val: str = 'cache:/work/cache/val'
-    out: str = 'runs/seg'
-    arch: dict = field(default_factory=lambda: {'levels': 3, 'base': 24, 'variant': 'fast',
-                                                'separable': False})
-    input_size: tuple = (256, 512)
-    roi: dict = field(default_factory=lambda: {'top': 0.35, 'bottom': 1.0, 'left': 0.0,
-                                               'right': 1.0})
-    crop: tuple = (128, 256)
-    epochs: int = 8
-    batch: int = 8
-    lr: float = 3e-3
-    weight_decay: float = 1e-4
-    dice_weight: float = 1.0
-    threshold: float = 0.5
     seed: int = 0
     init: str = ''
     quant_bits: int = 0          # 0 float; 2..8 fake-quantized weights and activations
@@ -70,6 +55,27 @@ class SegTrainConfig:
     stop_after: int = 0          # stop after this global step, state saved (0: run to the end)
     sync_bn: bool = False        # torchrun: BatchNorm statistics of the global batch
     device: str = 'auto'         # auto (this rank's GPU if any), cpu, cuda[:N]
+
+
+@dataclass
+class SegTrainConfig(RunConfig):
+    """Everything a run depends on (written into every checkpoint)."""
+
+    data: str = 'cache:/work/cache/train'
+    val: str = 'cache:/work/cache/val'
+    out: str = 'runs/seg'
+    arch: dict = field(default_factory=lambda: {'levels': 3, 'base': 24, 'variant': 'fast',
+                                                'separable': False})
+    input_size: tuple = (256, 512)
+    roi: dict = field(default_factory=lambda: {'top': 0.35, 'bottom': 1.0, 'left': 0.0,
+                                               'right': 1.0})
+    crop: tuple = (128, 256)
+    epochs: int = 8
+    batch: int = 8
+    lr: float = 3e-3
+    weight_decay: float = 1e-4
+    dice_weight: float = 1.0
+    threshold: float = 0.5
 
 
 def quant_metadata(weight_bits: int, act_bits: int) -> dict:
@@ -272,10 +278,7 @@ def train(cfg: SegTrainConfig, log=print) -> dict:
     Returns the checkpoint path and the final metrics (on every rank), and 'stopped_at_step'
     when the run stopped early with its state in ``RUN/last.safetensors``.
     """
-    from .bits_hook import LearnBitsHook
-    hooks = [LearnBitsHook(cfg)] if cfg.learn_bits else []
-    result = fit(TASK, cfg, log, hooks=hooks)
-    return {k: result[k] for k in ('checkpoint', 'metrics', 'stopped_at_step') if k in result}
+    return run_task(TASK, cfg, log)
 
 
 def add_arguments(p: argparse.ArgumentParser):
@@ -307,12 +310,12 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
     p.add_argument('--learn-bits', choices=['', 'uniform', 'per_layer'], default='',
                    help='learn bit widths (2..8) with a hardware loss (needs --quant-bits)')
     p.add_argument('--bits-hardware', choices=['sum_bits', 'size', 'bitops'], default='size')
-    p.add_argument('--bits-lambda', type=float, default=0.97)
-    p.add_argument('--bits-alpha', type=float, default=4.0)
-    p.add_argument('--bits-lr', type=float, default=0.05)
-    p.add_argument('--bits-optimizer', choices=['sgd', 'adam'], default='sgd',
+    p.add_argument('--bits-lambda', type=float, default=d.bits_lambda)
+    p.add_argument('--bits-alpha', type=float, default=d.bits_alpha)
+    p.add_argument('--bits-lr', type=float, default=d.bits_lr)
+    p.add_argument('--bits-optimizer', choices=['sgd', 'adam'], default=d.bits_optimizer,
                    help="optimizer of the widths (sgd: the study's gradient step)")
-    p.add_argument('--bits-every', type=int, default=1)
+    p.add_argument('--bits-every', type=int, default=d.bits_every)
     p.add_argument('--max-val', type=int, default=0)
     p.add_argument('--max-train', type=int, default=0)
     p.add_argument('--threads', type=int, default=2, help='torch threads per process')
