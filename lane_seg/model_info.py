@@ -7,11 +7,11 @@ sidecars). Invalid or missing metadata raises :class:`~lane_seg.models.metadata.
 listing every problem.
 """
 
-import hashlib
 import json
 from pathlib import Path
 
 from .engines.base import precision_of
+from .file_hash import file_sha256
 from .models.metadata import read_model_metadata
 
 HEADLINE = ('format', 'task', 'name', 'inputs', 'outputs', 'color_order', 'normalization',
@@ -22,11 +22,7 @@ def model_info(path) -> dict:
     """``{'path', 'bytes', 'sha256', 'precision', 'metadata'}`` of a model file."""
     path = Path(path)
     meta = read_model_metadata(path)
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return {'path': str(path), 'bytes': path.stat().st_size, 'sha256': h.hexdigest(),
+    return {'path': str(path), 'bytes': path.stat().st_size, 'sha256': file_sha256(path),
             'precision': precision_of(meta), 'metadata': meta}
 
 

@@ -24,6 +24,7 @@ import time
 import numpy as np
 
 from .base import BaseEngine, EngineError, log, precision_of
+from ..file_hash import file_sha256
 from ..models.metadata import MetadataError, read_model_metadata
 
 TRT_HINT = ('pip install tensorrt (TensorRT 10, on a machine with an NVIDIA GPU and driver; '
@@ -46,14 +47,6 @@ def engine_cache_key(model_sha256: str, trt_version: str, gpu_name: str, input_s
               'precision': precision}
     blob = json.dumps(fields, sort_keys=True).encode()
     return hashlib.sha256(blob).hexdigest()[:24]
-
-
-def file_sha256(path) -> str:
-    h = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for chunk in iter(lambda: f.read(1 << 20), b''):
-            h.update(chunk)
-    return h.hexdigest()
 
 
 def cache_entry(cache_dir, model_path, key) -> tuple:

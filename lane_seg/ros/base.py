@@ -310,11 +310,10 @@ class PerceptionNode(Node):
                 except Exception:  # never let the worker die
                     pass
 
-    def _handle(self, msg, seq, received=None, arrived_ns=None):
+    def _handle(self, msg, seq, received, arrived_ns):
         t0 = time.perf_counter()
-        waits = {} if received is None else {'queue': (time.monotonic() - received) * 1e3}
-        if arrived_ns is not None:
-            waits['transport'] = (arrived_ns - stamp_ns(msg.header)) / 1e6
+        waits = {'queue': (time.monotonic() - received) * 1e3,
+                 'transport': (arrived_ns - stamp_ns(msg.header)) / 1e6}
         image = self.decode(msg)
         if image is None:
             return

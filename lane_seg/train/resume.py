@@ -13,7 +13,6 @@ A save writes ``RUN/.next.*`` completely, moves ``last.*`` to ``prev.*``, then `
 the consistent pair with the highest step.
 """
 
-import hashlib
 import json
 import os
 from pathlib import Path
@@ -21,6 +20,7 @@ import random
 
 import numpy as np
 
+from ..file_hash import file_sha256
 from ..models import checkpoint
 from ..models.checkpoint import CheckpointError
 
@@ -28,14 +28,6 @@ LAST, PREV, NEXT = 'last', 'prev', '.next'
 # Settings that must not change across a resume (the step plan and the optimisation use them).
 RESUME_KEYS = ('seed', 'batch', 'epochs', 'lr', 'weight_decay', 'crop', 'input_size',
                'dice_weight', 'quant_bits', 'act_bits', 'quant_scheme')
-
-
-def file_sha256(path) -> str:
-    digest = hashlib.sha256()
-    with open(path, 'rb') as f:
-        for block in iter(lambda: f.read(1 << 20), b''):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def capture_rng(np_rng) -> dict:
