@@ -114,6 +114,14 @@ def test_torch_backend_runs_checkpoints_and_onnx_siblings(models):
         assert engine.input_spec().shape == (1, 3, 64, 128)
 
 
+def test_checkpoints_pick_torch_under_auto_and_are_refused_elsewhere(models):
+    assert str(models['lane']).endswith('.safetensors')
+    with load_engine(models['lane'], backend='auto', threads=1) as engine:
+        assert engine.backend == 'torch' and engine.precision == 'fp32'
+    with pytest.raises(EngineError, match='training checkpoint runs on the torch backend'):
+        load_engine(models['lane'], backend='onnxruntime')
+
+
 @pytest.mark.parametrize('family', ['lane', 'other'])
 def test_float_backends_agree(models, family):
     ort = load_engine(models[f'{family}_fp32'], backend='onnxruntime')

@@ -67,6 +67,24 @@ def test_cache_layout(runs):
     assert frames.masks.any()
 
 
+def test_comma_separated_sources_are_concatenated_in_order(runs, tmp_path):
+    other = tiny_cache(tmp_path / 'other')
+    one = seg.LaneSamples(runs.data)
+    both = seg.LaneSamples(f'{runs.data}, cache:{other}')
+    assert len(both) == 2 * len(one) == 8
+    first = FrameCache(runs.cache)
+    np.testing.assert_array_equal(both[3][0], first.images[3])
+    second = FrameCache(other)
+    np.testing.assert_array_equal(both[4][0], second.images[0])
+    np.testing.assert_array_equal(both[7][1], second.masks[3] > 0)
+    pairs = flow.FlowSamples(f'{runs.data},cache:{other}')
+    np.testing.assert_array_equal(pairs[5][2], second.flow[1].astype(np.float32))
+    with pytest.raises(IndexError, match='out of range'):
+        both[8]
+    with pytest.raises(ValueError, match="unknown kind 'kitti'"):
+        seg.LaneSamples(f'{runs.data},kitti:{other}')
+
+
 def test_seg_float_training_writes_a_checkpoint(runs):
     result = runs.seg
     assert result['checkpoint'].endswith('lane_fp32.safetensors')

@@ -33,6 +33,12 @@ def load_engine(model, backend: str = 'auto', threads: int = 2, cache_dir=None, 
         raise EngineError(f'{path}: model file does not exist')
     if path.suffix == '.engine':
         return _load_engine_file(path, backend, device, logger)
+    if path.suffix == '.safetensors':
+        if backend not in ('auto', 'torch'):
+            raise EngineError(f'{path}: a training checkpoint runs on the torch backend, not '
+                              f'{backend} (export it to ONNX with `lane-seg export`)')
+        backend = 'torch'
+        log(logger, 'info', f'{path.name} is a training checkpoint: backend torch')
     if backend == 'onnxruntime':
         from .onnxruntime_backend import OnnxRuntimeEngine
         return OnnxRuntimeEngine(path, threads=threads, device=device, cache_dir=cache_dir,

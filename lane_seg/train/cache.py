@@ -55,25 +55,41 @@ class Samples:
     """
     Training samples from ``KIND:PATH``: a frame cache (``cache:DIR``) or a data set on disk.
 
-    Subclasses name their data-set formats in ``kinds``, open them in ``open_dataset`` and turn
-    a cache index or a data-set item into a sample in ``from_cache`` / ``from_item``.
+    Several sources separated by commas (``cache:A,cache:B,folder:C``) are concatenated in that
+    order. Subclasses name their data-set formats in ``kinds``, open them in ``open_dataset``
+    and turn a cache index or a data-set item into a sample in ``from_cache`` / ``from_item``.
     """
 
     kinds = ()
 
     def __init__(self, spec: str):
+        self.sources = [self._open(part.strip()) for part in str(spec).split(',')]
+        self._ends = np.cumsum([len(source) for source in self.sources])
+
+    def _open(self, spec: str):
         kind, _, path = spec.partition(':')
         if not path:
             raise ValueError(f'data {spec!r} must be KIND:PATH '
                              f"({', '.join(('cache',) + self.kinds)})")
-        self.cache = FrameCache(path) if kind == 'cache' else None
-        self.dataset = None if self.cache else self.open_dataset(path, kind)
+        if kind == 'cache':
+            return FrameCache(path)
+        if kind not in self.kinds:
+            raise ValueError(f'data {spec!r}: unknown kind {kind!r} '
+                             f"(one of {', '.join(('cache',) + self.kinds)})")
+        return self.open_dataset(path, kind)
 
     def __len__(self):
-        return len(self.cache) if self.cache else len(self.dataset)
+        return int(self._ends[-1])
 
     def __getitem__(self, i):
-        return self.from_cache(i) if self.cache else self.from_item(self.dataset[i])
+        if not 0 <= i < len(self):
+            raise IndexError(f'sample {i} out of range ({len(self)} samples)')
+        k = int(np.searchsorted(self._ends, i, side='right'))
+        source = self.sources[k]
+        j = i - (int(self._ends[k - 1]) if k else 0)
+        if isinstance(source, FrameCache):
+            return self.from_cache(source, j)
+        return self.from_item(source[j])
 
 
 class FrameCache:

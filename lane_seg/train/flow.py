@@ -63,8 +63,7 @@ class FlowSamples(Samples):
     def open_dataset(self, path, kind):
         return open_flow_dataset(path, fmt=kind)
 
-    def from_cache(self, i):
-        c = self.cache
+    def from_cache(self, c, i):
         return (np.asarray(c.images[i]), np.asarray(c.next[i]),
                 np.asarray(c.flow[i], dtype=np.float32), np.asarray(c.valid[i]))
 

@@ -147,8 +147,8 @@ class LaneSamples(Samples):
     def open_dataset(self, path, kind):
         return open_lane_dataset(path, fmt=kind)
 
-    def from_cache(self, i):
-        return np.asarray(self.cache.images[i]), np.asarray(self.cache.masks[i]) > 0
+    def from_cache(self, cache, i):
+        return np.asarray(cache.images[i]), np.asarray(cache.masks[i]) > 0
 
     def from_item(self, item):
         return item['image'], item['mask'] > 0
