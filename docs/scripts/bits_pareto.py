@@ -65,7 +65,8 @@ def train(a, name, extra, runs_dir):
     if ckpt.exists():
         return ckpt
     cmd = [str(BIN / 'lane-seg'), 'train', a.task, '--init', a.float, '--out', str(out),
-           '--max-val', str(a.max_val), '--data', a.data, '--val', a.val]
+           '--max-val', str(a.max_val), '--data', a.data, '--val', a.val,
+           '--crop', *map(str, a.crop)]
     if extra is None:    # the float reference: evaluation only
         cmd += ['--epochs', '0']
     elif '--epochs' in extra:   # PTQ: calibration only
@@ -272,6 +273,8 @@ def main():
     p.add_argument('--limit', type=int, default=0, help='first N test frames only')
     p.add_argument('--data', default='cache:/work/cache/train')
     p.add_argument('--val', default='cache:/work/cache/val')
+    p.add_argument('--crop', type=int, nargs=2, default=[128, 256],
+                   help='training crop (the studies in docs/ were run with 128 256)')
     a = p.parse_args()
     if a.replot:
         report(a.out)

@@ -14,7 +14,8 @@ import json
 from pathlib import Path
 
 
-def run(task, float_ckpt, out, bits, schemes, qat_epochs, max_train, max_val, data, val):
+def run(task, float_ckpt, out, bits, schemes, qat_epochs, max_train, max_val, data, val,
+        crop=(128, 256)):
     if task == 'seg':
         from lane_seg.train.seg import SegTrainConfig as Config, train
         metric = 'iou'
@@ -24,7 +25,7 @@ def run(task, float_ckpt, out, bits, schemes, qat_epochs, max_train, max_val, da
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
     rows = []
-    base = Config(data=data, val=val, init=float_ckpt, epochs=0, max_val=max_val,
+    base = Config(data=data, val=val, init=float_ckpt, epochs=0, max_val=max_val, crop=crop,
                   out=str(out / 'runs' / 'float'))
     float_metrics = train(base, log=lambda m: None)['metrics']
     rows.append({'scheme': 'float', 'bits': 32, 'ptq': float_metrics[metric],
@@ -33,7 +34,7 @@ def run(task, float_ckpt, out, bits, schemes, qat_epochs, max_train, max_val, da
         for b in bits:
             name = f'{scheme}_w{b}a{b}'
             cfg = Config(data=data, val=val, init=float_ckpt, quant_bits=b, act_bits=b,
-                         quant_scheme=scheme, epochs=0, max_val=max_val,
+                         quant_scheme=scheme, epochs=0, max_val=max_val, crop=crop,
                          out=str(out / 'runs' / f'{name}_ptq'))
             ptq = train(cfg, log=lambda m: None)
             row = {'scheme': scheme, 'bits': b, 'ptq': ptq['metrics'][metric], 'qat': None}
@@ -108,12 +109,14 @@ def main():
     p.add_argument('--max-val', type=int, default=50)
     p.add_argument('--data', default='cache:/work/cache/train')
     p.add_argument('--val', default='cache:/work/cache/val')
+    p.add_argument('--crop', type=int, nargs=2, default=[128, 256],
+                   help='training crop (the study in docs/ was run with 128 256)')
     a = p.parse_args()
     if a.replot:
         write_report(a.out)
         return
     run(a.task, a.float, a.out, a.bits, a.schemes, a.qat_epochs, a.max_train, a.max_val,
-        a.data, a.val)
+        a.data, a.val, tuple(a.crop))
 
 
 if __name__ == '__main__':
