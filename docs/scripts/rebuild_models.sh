@@ -1,9 +1,11 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from scratch on a CPU machine, exactly as they were made
-# (2026-11-23, AMD EPYC, 2 cores; about 2 hours of CPU with the default thread counts).
-# Run from the repository root after `make venv`. Training seeds: 100-151; validation: 900-903;
+# (2026-11-23 and 2026-12-05, AMD EPYC, 2 cores; about 3.5 hours of CPU with the default thread
+# counts). Run from the repository root after `make venv`. Training seeds: 100-211; validation:
+# 900-903;
 # the test set (docs/scripts/evaluate_shipped.sh) uses seeds 2000-2003.
 set -euo pipefail
+# Until 2026-12-05 the trainers' default crop was 128x256; the runs below name it.
 BIN=.venv/bin
 CACHE=${CACHE:-/work/cache}
 RUNS=${RUNS:-/work/runs}
@@ -12,27 +14,31 @@ from lane_seg.train.cache import build_cache
 build_cache('$CACHE/val', list(range(900, 904)), 25)                       # 384x512 renders
 build_cache('$CACHE/train', list(range(100, 140)), 40)                     # 1600 pairs
 build_cache('$CACHE/train800', list(range(140, 152)), 16, height=600, width=800)
+build_cache('$CACHE/val800', list(range(900, 904)), 12, height=600, width=800)  # 48 pairs
+build_cache('$CACHE/train800b', list(range(140, 164)), 16, height=600, width=800)  # 384 pairs
+build_cache('$CACHE/train800c', list(range(164, 188)), 16, height=600, width=800)  # 384 pairs
+build_cache('$CACHE/train800d', list(range(188, 212)), 16, height=600, width=800)  # 384 pairs
 PY
 # Lane U-Net: float on 384x512 renders, 8-bit QAT, then both fine-tuned on 800x600 renders.
-$BIN/lane-seg train seg --data cache:$CACHE/train --val cache:$CACHE/val \
+$BIN/lane-seg train seg --crop 128 256 --data cache:$CACHE/train --val cache:$CACHE/val \
   --out $RUNS/lane_unet_fp32 --epochs 10 --max-train 800 --max-val 50
-$BIN/lane-seg train seg --init $RUNS/lane_unet_fp32/lane_unet_fp32.safetensors --quant-bits 8 \
+$BIN/lane-seg train seg --crop 128 256 --init $RUNS/lane_unet_fp32/lane_unet_fp32.safetensors --quant-bits 8 \
   --epochs 2 --max-train 800 --lr 5e-4 --out $RUNS/lane_unet_int8 --max-val 50
-$BIN/lane-seg train seg --init $RUNS/lane_unet_int8/lane_unet_int8.safetensors \
+$BIN/lane-seg train seg --crop 128 256 --init $RUNS/lane_unet_int8/lane_unet_int8.safetensors \
   --data cache:$CACHE/train800 --epochs 2 --lr 3e-4 --out $RUNS/lane_unet_int8_ft800 --max-val 50
-$BIN/lane-seg train seg --init $RUNS/lane_unet_fp32/lane_unet_fp32.safetensors \
+$BIN/lane-seg train seg --crop 128 256 --init $RUNS/lane_unet_fp32/lane_unet_fp32.safetensors \
   --data cache:$CACHE/train800 --epochs 2 --lr 3e-4 --out $RUNS/lane_unet_fp32_ft800 --max-val 20
 $BIN/lane-seg export seg --float $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
   --int8 $RUNS/lane_unet_int8_ft800/lane_unet_int8_ft800.safetensors --out models --name lane_unet
 # Flow network: float (8 epochs on 1000 pairs, then 8 more on all 1600); shipped below after
 # an 800x600 fine-tune.
-$BIN/lane-seg train flow --data cache:$CACHE/train --val cache:$CACHE/val \
+$BIN/lane-seg train flow --crop 128 256 --data cache:$CACHE/train --val cache:$CACHE/val \
   --out $RUNS/flow_fp32 --epochs 8 --max-train 1000 --max-val 40 --threads 1
-$BIN/lane-seg train flow --data cache:$CACHE/train --val cache:$CACHE/val --out $RUNS/flow_fp32b \
+$BIN/lane-seg train flow --crop 128 256 --data cache:$CACHE/train --val cache:$CACHE/val --out $RUNS/flow_fp32b \
   --init $RUNS/flow_fp32/flow_fp32.safetensors --epochs 8 --lr 1e-3 --max-val 40 --threads 1
 # Lane U-Net with learned per-layer widths (issue 8; docs/learned_bits.md): model-size loss,
 # lambda 0.97, from the float model, 4 epochs on the 800x600 renders; shipped as int8 containers.
-$BIN/lane-seg train seg --init $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
+$BIN/lane-seg train seg --crop 128 256 --init $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
   --data cache:$CACHE/train800 --val cache:$CACHE/val --epochs 4 --lr 1e-4 --max-val 50 \
   --quant-bits 8 --learn-bits per_layer --bits-hardware size --bits-lambda 0.97 \
   --bits-every 2 --bits-optimizer adam --bits-lr 0.15 --bits-alpha 4 \
@@ -43,9 +49,45 @@ $BIN/lane-seg export seg --float $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800
 cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort}.{onnx,json} models/
 # Flow network, fine-tuned on the 800x600 renders (4 epochs, lr 1e-4: the float reference of
 # the Pareto study, docs/learned_bits.md), then 8-bit PTQ calibrated on the same renders.
-$BIN/lane-seg train flow --init $RUNS/flow_fp32b/flow_fp32b.safetensors --data cache:$CACHE/train800 \
+$BIN/lane-seg train flow --crop 128 256 --init $RUNS/flow_fp32b/flow_fp32b.safetensors --data cache:$CACHE/train800 \
   --val cache:$CACHE/val --epochs 4 --max-train 800 --lr 1e-4 --max-val 50 --out $RUNS/flow_fp32_ft800
-$BIN/lane-seg train flow --init $RUNS/flow_fp32_ft800/flow_fp32_ft800.safetensors --quant-bits 8 \
+$BIN/lane-seg train flow --crop 128 256 --init $RUNS/flow_fp32_ft800/flow_fp32_ft800.safetensors --quant-bits 8 \
   --epochs 0 --data cache:$CACHE/train800 --out $RUNS/flow_int8_ptq_ft800 --max-val 50
 $BIN/lane-seg export flow --float $RUNS/flow_fp32_ft800/flow_fp32_ft800.safetensors \
   --int8 $RUNS/flow_int8_ptq_ft800/flow_int8_ptq_ft800.safetensors --out models --name flow
+# 2026-12-05: everything fine-tuned again on whole frames (--crop 256 512: the full model
+# input, no crops) rendered at 800x600 (docs/lane_model.md, docs/flow_model.md). Lanes: 20 epochs
+# on 384 pairs, 16 on 768, 10 on 1152, then 8-bit PTQ.
+$BIN/lane-seg train seg --init $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
+  --data cache:$CACHE/train800b --val cache:$CACHE/val800 --crop 256 512 --epochs 20 --max-val 48 \
+  --lr 1e-3 --out $RUNS/lane_full20
+$BIN/lane-seg train seg --init $RUNS/lane_full20/lane_full20.safetensors \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --crop 256 512 \
+  --epochs 16 --max-val 48 --lr 6e-4 --out $RUNS/lane_full36
+$BIN/lane-seg train seg --init $RUNS/lane_full36/lane_full36.safetensors \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c,cache:$CACHE/train800d \
+  --val cache:$CACHE/val800 --crop 256 512 --epochs 10 --max-val 48 --lr 4e-4 --out $RUNS/lane_full46
+$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors --quant-bits 8 \
+  --epochs 0 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c,cache:$CACHE/train800d \
+  --val cache:$CACHE/val800 --max-val 48 --out $RUNS/lane_full46_ptq
+$BIN/lane-seg export seg --float $RUNS/lane_full46/lane_full46.safetensors \
+  --int8 $RUNS/lane_full46_ptq/lane_full46_ptq.safetensors --out models --name lane_unet
+# Lane U-Net with learned per-layer widths from the 36-epoch full-frame float model (trained
+# before the third run; 96 steps, as in the Pareto study), shipped as int8 containers.
+$BIN/lane-seg train seg --init $RUNS/lane_full36/lane_full36.safetensors --crop 256 512 \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --epochs 2 \
+  --max-train 384 --lr 1e-4 --max-val 48 \
+  --quant-bits 8 --learn-bits per_layer --bits-hardware size --bits-lambda 0.97 \
+  --bits-every 2 --bits-optimizer adam --bits-lr 0.15 --bits-alpha 4 --out $RUNS/mixed_full
+$BIN/lane-seg export seg --float $RUNS/lane_full36/lane_full36.safetensors \
+  --int8 $RUNS/mixed_full/mixed_full.safetensors --out $RUNS/lane_unet_mixed --name lane_unet_mixed
+cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort}.{onnx,json} models/
+# Flow: 12 epochs on the 768 pairs from the model shipped before, then 8-bit PTQ.
+$BIN/lane-seg train flow --init $RUNS/flow_fp32_ft800/flow_fp32_ft800.safetensors \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --crop 256 512 \
+  --epochs 12 --lr 5e-4 --max-val 48 --out $RUNS/flow_full12
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 8 \
+  --epochs 0 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
+  --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_ptq
+$BIN/lane-seg export flow --float $RUNS/flow_full12/flow_full12.safetensors \
+  --int8 $RUNS/flow_full12_ptq/flow_full12_ptq.safetensors --out models --name flow
