@@ -75,12 +75,18 @@ def node_summary(stats_summary: dict) -> dict:
 
 
 class Recorder(Node):
-    """Saves a few overlay and flow pictures, evenly spread over the run."""
+    """
+    Saves a few overlay and flow pictures, spread over the run.
+
+    The first picture of a topic is its first message; each next one is due after an equal share
+    of the time left for the pictures still to take, so a topic that starts late (a model still
+    loading, the flow's first frame pair) still gets all of its pictures within the run.
+    """
 
     def __init__(self, out: Path, topics: dict, pictures: int, duration: float, **kwargs):
         super().__init__('lane_seg_runner', **kwargs)
         self.out = out
-        self.interval = duration / max(pictures, 1)
+        self.duration = duration
         self.pictures = pictures
         self.saved = {name: [] for name in topics}
         self._next_at = dict.fromkeys(topics, 0.0)
@@ -93,7 +99,8 @@ class Recorder(Node):
         now = time.monotonic() - self.t0
         if len(self.saved[name]) >= self.pictures or now < self._next_at[name]:
             return
-        self._next_at[name] = now + self.interval
+        left = self.pictures - len(self.saved[name]) - 1
+        self._next_at[name] = now + max(self.duration - now, 0.0) / (left + 1)
         path = self.out / f'{name}_{len(self.saved[name]):02d}.png'
         cv2.imwrite(str(path), image_to_numpy(msg))
         self.saved[name].append(path.name)
