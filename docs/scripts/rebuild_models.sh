@@ -91,3 +91,11 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quan
   --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_ptq
 $BIN/lane-seg export flow --float $RUNS/flow_full12/flow_full12.safetensors \
   --int8 $RUNS/flow_full12_ptq/flow_full12_ptq.safetensors --out models --name flow
+# Not shipped: the 4-bit (W4A4) QAT runs of docs/lane_model.md and docs/flow_model.md (targets),
+# scored with `lane-seg eval seg|flow --model RUN/RUN.safetensors --data TEST`.
+$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors --quant-bits 4 --epochs 4 \
+  --lr 5e-4 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
+  --val cache:$CACHE/val800 --max-val 48 --out $RUNS/lane_full46_w4a4
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 4 --epochs 4 \
+  --lr 3e-4 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
+  --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_w4a4
