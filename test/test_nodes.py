@@ -978,9 +978,11 @@ def test_lane_seg_run_composes_the_nodes_and_writes_the_summary(tmp_path, tiny_m
                             model_path: FLOW, backend: onnxruntime, threads: 1}
     """).replace('LANES', str(tiny_models['lanes'])).replace('FLOW', str(tiny_models['flow'])))
     out = tmp_path / 'out'
-    # 5 s leaves margin on a loaded 2-core machine (>= 20 frames published at 20 Hz).
+    # 8 s leaves margin for start-up (model loading) on a loaded 2-core machine: the floors
+    # below (>= 20 frames published at 20 Hz, >= 5 processed per node) failed now and then
+    # with 5 s.
     proc = subprocess.run([str(BIN / 'lane-seg'), 'run', '--params', str(params), '--duration',
-                           '5', '--out', str(out), '--pictures', '2'],
+                           '8', '--out', str(out), '--pictures', '2'],
                           capture_output=True, text=True, timeout=60,
                           env=dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
     assert proc.returncode == 0, proc.stderr
@@ -998,9 +1000,10 @@ def test_lane_seg_run_composes_the_nodes_and_writes_the_summary(tmp_path, tiny_m
         resets = sum(v for k, v in node.get('events', {}).items() if k.startswith('reset.'))
         unaccounted = (f['received'] - f['processed'] - f['dropped']
                        - sum(node.get('rejected', {}).values()) - resets)
-        assert 0 <= unaccounted <= 2, node
+        said = {k: v for k, v in node.items() if k not in ('model', 'stages_ms')}
+        assert 0 <= unaccounted <= 2, said
         # a floor, not a rate: a loaded 2-core CI machine may drop most of a 20 Hz camera
-        assert f['processed'] >= 5, node
+        assert f['processed'] >= 5, said
         assert node['end_to_end_ms']['p95'] is not None
         assert set(node['stages_ms']) == {'conversion', 'preprocess', 'inference',
                                           'postprocess', 'publish'}
