@@ -99,3 +99,6 @@ $BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors --quant
 $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 4 --epochs 4 \
   --lr 3e-4 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
   --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_w4a4
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 4 --act-bits 8 \
+  --epochs 2 --lr 3e-4 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
+  --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_w4a8
