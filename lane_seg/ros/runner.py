@@ -99,8 +99,8 @@ class Recorder(Node):
         now = time.monotonic() - self.t0
         if len(self.saved[name]) >= self.pictures or now < self._next_at[name]:
             return
-        left = self.pictures - len(self.saved[name]) - 1
-        self._next_at[name] = now + max(self.duration - now, 0.0) / (left + 1)
+        to_take = self.pictures - len(self.saved[name])   # this one included
+        self._next_at[name] = now + max(self.duration - now, 0.0) / to_take
         path = self.out / f'{name}_{len(self.saved[name]):02d}.png'
         cv2.imwrite(str(path), image_to_numpy(msg))
         self.saved[name].append(path.name)

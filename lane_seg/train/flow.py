@@ -32,7 +32,6 @@ class FlowTrainConfig(RunConfig):
     out: str = 'runs/flow'
     arch: dict = field(default_factory=lambda: {'width': 0.25, 'levels': 6})
     input_size: tuple = (256, 512)
-    crop: tuple = (256, 512)       # the whole default input: crops cost accuracy
     epochs: int = 8
     batch: int = 8
     lr: float = 2e-3
@@ -207,15 +206,11 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--epochs', type=int, default=d.epochs)
     p.add_argument('--batch', type=int, default=d.batch)
     p.add_argument('--lr', type=float, default=d.lr)
-    p.add_argument('--crop', type=int, nargs=2, default=d.crop, metavar=('H', 'W'),
-                   help='random training crop of the model input (default: the whole '
-                        '256x512 input; 128 256 trains 4x faster per sample, but the '
-                        'crop-trained model had 1.5x the test EPE (docs/flow_model.md))')
     add_common_arguments(p, d)
 
 
 def config_from_args(args) -> FlowTrainConfig:
     return FlowTrainConfig(
         data=args.data, val=args.val, out=args.out,
-        arch={'width': args.width, 'levels': args.levels}, crop=tuple(args.crop),
-        epochs=args.epochs, batch=args.batch, lr=args.lr, **common_config(args))
+        arch={'width': args.width, 'levels': args.levels}, epochs=args.epochs,
+        batch=args.batch, lr=args.lr, **common_config(args))

@@ -36,6 +36,7 @@ class RunConfig:
 
     seed: int = 0
     init: str = ''
+    crop: tuple = (256, 512)     # training crop; the whole default input: crops cost accuracy
     quant_bits: int = 0          # 0 float; 2..8 fake-quantized weights and activations
     act_bits: int = 0            # 0: same as quant_bits
     quant_scheme: str = 'ours'   # 'ours' or 'study' (see models.quant)
@@ -70,7 +71,6 @@ class SegTrainConfig(RunConfig):
     input_size: tuple = (256, 512)
     roi: dict = field(default_factory=lambda: {'top': 0.35, 'bottom': 1.0, 'left': 0.0,
                                                'right': 1.0})
-    crop: tuple = (256, 512)       # the whole default input: crops cost accuracy
     epochs: int = 8
     batch: int = 8
     lr: float = 3e-3
@@ -296,11 +296,6 @@ def add_arguments(p: argparse.ArgumentParser):
     p.add_argument('--batch', type=int, default=d.batch)
     p.add_argument('--lr', type=float, default=d.lr)
     p.add_argument('--dice-weight', type=float, default=d.dice_weight)
-    p.add_argument('--crop', type=int, nargs=2, default=d.crop, metavar=('H', 'W'),
-                   help='random training crop of the model input (default: the whole '
-                        '256x512 input; 128 256 trains 4x faster per sample but '
-                        'the crop-trained model missed the lane pixels in near-field dash gaps '
-                        '(docs/lane_model.md))')
     add_common_arguments(p, d)
 
 
@@ -308,6 +303,11 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
     """Arguments both trainers share: seed, fine-tuning, quantization, limits, run control."""
     p.add_argument('--seed', type=int, default=d.seed)
     p.add_argument('--init', default='', help='start from this checkpoint (fine-tune)')
+    p.add_argument('--crop', type=int, nargs=2, default=d.crop, metavar=('H', 'W'),
+                   help='random training crop of the model input (default: the whole '
+                        '256x512 input; 128 256 trains 4x faster per sample, but the '
+                        'crop-trained models missed lane pixels in near-field dash gaps and had '
+                        '1.5x the flow EPE: docs/lane_model.md, docs/flow_model.md)')
     p.add_argument('--quant-bits', type=int, default=0, help='fake-quantize (2..8); with '
                    '--init: PTQ calibration, then QAT for --epochs')
     p.add_argument('--act-bits', type=int, default=0)
@@ -330,8 +330,8 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
 def common_config(args) -> dict:
     """Config fields of ``add_common_arguments`` (plus the run-control ones)."""
     return dict(
-        seed=args.seed, init=args.init, quant_bits=args.quant_bits, act_bits=args.act_bits,
-        quant_scheme=args.quant_scheme, learn_bits=args.learn_bits,
+        seed=args.seed, init=args.init, crop=tuple(args.crop), quant_bits=args.quant_bits,
+        act_bits=args.act_bits, quant_scheme=args.quant_scheme, learn_bits=args.learn_bits,
         bits_hardware=args.bits_hardware, bits_lambda=args.bits_lambda,
         bits_alpha=args.bits_alpha, bits_lr=args.bits_lr, bits_every=args.bits_every,
         bits_optimizer=args.bits_optimizer,
@@ -344,5 +344,5 @@ def config_from_args(args) -> SegTrainConfig:
         data=args.data, val=args.val, out=args.out,
         arch={'levels': args.levels, 'base': args.base, 'variant': args.variant,
               'separable': args.separable},
-        crop=tuple(args.crop), epochs=args.epochs, batch=args.batch, lr=args.lr,
+        epochs=args.epochs, batch=args.batch, lr=args.lr,
         dice_weight=args.dice_weight, **common_config(args))
