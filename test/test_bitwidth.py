@@ -478,7 +478,7 @@ def test_flow_learned_bits_step_and_export(tmp_path):
 def test_export_refuses_the_study_scheme(tmp_path):
     torch.manual_seed(0)
     study = quantize_model(UNet(UNetConfig(**TINY)).eval(), QuantConfig(scheme='study'))
-    with pytest.raises(ValueError, match='symmetric scheme'):
+    with pytest.raises(ValueError, match='signed symmetric'):
         export_learned(study, lane_meta(), tmp_path / 'x.onnx')
 
 

@@ -302,3 +302,106 @@ def test_study_scheme_is_refused_for_export():
     calibrate(q, [inputs()])
     with pytest.raises(ValueError):
         freeze_for_export(q)
+
+
+# Low-bit options: unsigned ReLU grids, least-error weight steps and activation ranges.
+
+@pytest.mark.parametrize('kwargs, message', [
+    ({'weight_clip': 'percentile'}, 'weight_clip='),
+    ({'act_clip': 'entropy'}, 'act_clip='),
+    ({'scheme': 'study', 'unsigned_relu': True}, 'belong to scheme'),
+    ({'scheme': 'study', 'act_clip': 'mse'}, 'belong to scheme'),
+])
+def test_low_bit_option_validation(kwargs, message):
+    with pytest.raises(ValueError, match=message):
+        QuantConfig(**kwargs)
+
+
+def test_unsigned_relu_puts_relu_outputs_on_twice_the_levels():
+    q = quantize_model(random_bn_unet(), QuantConfig(weight_bits=4, act_bits=4,
+                                                     unsigned_relu=True))
+    modes = {name: m.mode for name, m in q.named_modules() if isinstance(m, ActQuant)}
+    # The network input can be negative; ReLU outputs and their up-sampling/concat cannot.
+    assert modes.pop('q_in') == 'symmetric'
+    assert set(modes.values()) == {'unsigned'}
+    assert any(name.endswith('q_up') for name in modes)
+    calibrate(q, [inputs()])
+    quant = dict(q.named_modules())['ups.0.q_cat']
+    assert quant.qbounds(4) == (0, 15)
+    x = torch.linspace(0, float(quant.running_max), 1000)
+    levels = torch.unique(quant(x).detach())
+    assert len(levels) == 16 and float(levels.min()) == 0.0
+    # The same tensor on a signed grid has 8 non-negative levels (0..7).
+    signed = ActQuant(4, mode='symmetric')
+    signed.scale.data.fill_(float(quant.running_max) / 7)
+    signed.calibrated.fill_(True)
+    assert len(torch.unique(signed(x).detach())) == 8
+
+
+def test_unsigned_relu_keeps_a_transposed_convs_output_signed():
+    model = UNet(UNetConfig(**dict(TINY, up='transposed'))).eval()
+    q = quantize_model(model, QuantConfig(act_bits=4, unsigned_relu=True))
+    modes = {name: m.mode for name, m in q.named_modules() if isinstance(m, ActQuant)}
+    assert all(mode == 'symmetric' for name, mode in modes.items()
+               if name.endswith(('q_up', 'q_cat')))
+
+
+def test_mse_weight_step_errs_less_than_max_at_4_bits():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(16, 8, 3)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight[:, 0, 0, 0] = 8.0    # one outlier per output channel
+    errors = {}
+    for clip in ('max', 'mse'):
+        q = QConv2d.from_conv(conv, 4, True, clip)
+        scale = q.weight_scale()
+        assert scale.shape == (8,)
+        errors[clip] = float(((q.quantized_weight() - conv.weight) ** 2).sum().detach())
+    assert errors['mse'] < 0.85 * errors['max']
+    # Never a coarser grid than max|w| / qmax, and integers stay inside +-qmax.
+    q = QConv2d.from_conv(conv, 4, True, 'mse')
+    assert torch.all(q.weight_scale() <= QConv2d.from_conv(conv, 4, True).weight_scale() + 1e-7)
+    ints = q.quantized_weight() / q.weight_scale().view(-1, 1, 1, 1)
+    assert float(ints.abs().max()) <= 7 + 1e-4
+
+
+def test_mse_act_range_clips_outliers_and_errs_less():
+    torch.manual_seed(0)
+    x = torch.relu(torch.randn(64, 256))
+    x[0, 0] = 60.0     # one outlier stretches a max-calibrated 4-bit grid
+    errs = {}
+    for clip in ('max', 'mse'):
+        quant = ActQuant(4, mode='unsigned', clip=clip)
+        quant.calibrating = True
+        quant(x)
+        quant.finish_calibration()
+        assert quant._samples == []
+        errs[clip] = float(((quant(x) - x) ** 2).mean().detach())
+        if clip == 'mse':
+            assert float(quant.scale.detach()) * 15 < 30.0
+        else:
+            assert float(quant.scale.detach()) * 15 == pytest.approx(60.0)
+    assert errs['mse'] < 0.5 * errs['max']
+
+
+def test_freeze_clips_weights_outside_the_mse_range_for_int8_export():
+    torch.manual_seed(0)
+    conv = nn.Conv2d(4, 2, 3)
+    with torch.no_grad():
+        conv.weight.normal_()
+        conv.weight[0, 0, 0, 0] = 50.0
+    q = QConv2d.from_conv(conv, 8, True, 'mse')
+    before = q.quantized_weight().detach().clone()
+    q.freeze()
+    bound = 127 * q.frozen_scale.view(-1, 1, 1, 1)
+    assert torch.all(q.weight.abs() <= bound + 1e-6)
+    # The clipped shadow weights quantize to the same integers the trained ones did.
+    torch.testing.assert_close(q.quantized_weight(), before)
+
+
+def test_unsigned_activations_refuse_int8_qdq_export():
+    q = quantize_model(random_bn_unet(), QuantConfig(unsigned_relu=True))
+    calibrate(q, [inputs()])
+    with pytest.raises(ValueError, match='signed symmetric'):
+        freeze_for_export(q)

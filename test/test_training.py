@@ -203,7 +203,7 @@ def test_4_bit_study_qat_runs_but_does_not_export(runs, tmp_path):
     assert info['architecture']['quant']['scheme'] == 'study'
     model, _ = checkpoint.load_model(result['checkpoint'])
     assert all(m.mode == 'sigma4' and m.bits == 4 for m in act_quantizers(model))
-    with pytest.raises(ValueError, match='8-bit|symmetric scheme'):
+    with pytest.raises(ValueError, match='8-bit|signed symmetric'):
         export_models(runs.seg['checkpoint'], result['checkpoint'], tmp_path / 'm', 'w4')
 
 

@@ -102,3 +102,9 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quan
 $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 4 --act-bits 8 \
   --epochs 2 --lr 3e-4 --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
   --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_w4a8
+# 2026-12-05 (later session): W4A4 with the low-bit options (unsigned ReLU grids, least-error
+# weight steps and activation ranges): test IoU 0.782 vs float 0.822 (was 0.721 without them).
+$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors --quant-bits 4 \
+  --unsigned-relu --weight-clip mse --act-clip mse --epochs 4 --lr 5e-4 --crop 256 512 \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --max-val 48 \
+  --out $RUNS/lane_full46_w4a4m

@@ -69,7 +69,7 @@ def _round_tensor(n: torch.Tensor) -> torch.Tensor:
 
 
 def _act_qmax(quant: ActQuant, bits: int) -> int:
-    return 2 ** bits - 1 if quant.mode == 'sigma4' else qrange(bits)[1]
+    return quant.qbounds(bits)[1]
 
 
 def set_bits(module, bits: int, keep_range: bool = True):
@@ -627,8 +627,8 @@ def export_learned(model: nn.Module, meta: dict, path, opset: int = 17, clip: bo
     from .export import check_tensorrt_qdq, export_onnx
     for m in model.modules():
         if (isinstance(m, ActQuant) and m.mode != 'symmetric') or getattr(m, 'unit_range', 0):
-            raise ValueError('ONNX QDQ export needs the symmetric scheme (the study scheme '
-                             'keeps BatchNorm and unsigned ranges)')
+            raise ValueError('ONNX QDQ export needs signed symmetric activations (the study '
+                             'scheme and unsigned_relu are for accuracy studies)')
     layer_bits = quant_summary(model)
     for kind, widths in layer_bits.items():
         for name, bits in widths.items():
@@ -644,8 +644,7 @@ def export_learned(model: nn.Module, meta: dict, path, opset: int = 17, clip: bo
             m.frozen_scale = (float(m.scale.detach().abs()) + 1e-8
                               if bool(m.calibrated) and m.enabled else None)
         elif isinstance(m, QConv2d):
-            m.frozen_scale = m.weight_scale().float().clone()
-            m.frozen_bias = m.quantized_bias().detach().clone()
+            m.freeze()
     clipped = 0
     if clip:
         for parent in list(out.modules()):

@@ -9,6 +9,17 @@ and, in QAT, learned (LSQ-style gradients) — the "learned clipping ranges" imp
 fixed ranges. Bit widths 2..8 run in PyTorch for the accuracy studies; 8-bit models export to
 QuantizeLinear/DequantizeLinear ONNX.
 
+Two options for low bit widths (studies; they are not TensorRT's int8 form):
+``unsigned_relu`` puts the activations that cannot be negative (after a ReLU, and their
+bilinear up-sampling and concatenation) on an unsigned grid [0, 2^b - 1], twice the levels a
+signed grid spends on them (a signed 4-bit ReLU output has 8 levels, 0..7; unsigned 16);
+``weight_clip='mse'`` picks each output channel's weight step by the least squared rounding
+and clipping error instead of max|w| / qmax (at 4 bits a few outlying weights otherwise
+stretch the grid over all the others); ``act_clip='mse'`` calibrates each activation range the
+same way, on a sample of the calibration activations, instead of at their maximum (a 4-bit grid
+spread to the largest activation ever seen rounds most of them to zero: one such layer of the
+lane U-Net alone cost 23 IoU points at 4 bits).
+
 ``quantize_model(model, QuantConfig(...))`` folds BatchNorm into the convolutions (BN before
 every quantizer, then folded: one integer conv per layer), swaps every Conv2d for a QConv2d and
 puts an activation quantizer on the network input and after every ReLU, up-sampling and
@@ -33,10 +44,20 @@ class QuantConfig:
     per_channel: bool = True
     learn_scales: bool = True   # LSQ-style learned activation ranges during QAT
     scheme: str = 'ours'        # 'ours' (above) or 'study' (the FPGA FlowNetS paper's)
+    unsigned_relu: bool = False  # 'ours': non-negative activations on [0, 2^b - 1]
+    weight_clip: str = 'max'    # 'max' (max|w| / qmax) or 'mse' (least-error step) per channel
+    act_clip: str = 'max'       # calibrated activation range: 'max' or 'mse' (least error)
 
     def __post_init__(self):
         if self.scheme not in ('ours', 'study'):
             raise ValueError(f"scheme={self.scheme!r} must be 'ours' or 'study'")
+        for name in ('weight_clip', 'act_clip'):
+            if getattr(self, name) not in CLIPS:
+                raise ValueError(f'{name}={getattr(self, name)!r} must be one of {CLIPS}')
+        if self.scheme == 'study' and (self.unsigned_relu or self.weight_clip != 'max'
+                                       or self.act_clip != 'max'):
+            raise ValueError("unsigned_relu and the 'mse' clips belong to scheme 'ours' (the "
+                             'study scheme has its own ranges)')
         for name in ('weight_bits', 'act_bits'):
             bits = getattr(self, name)
             if not 2 <= bits <= 8:
@@ -44,6 +65,15 @@ class QuantConfig:
 
     def to_dict(self) -> dict:
         return asdict(self)
+
+
+CLIPS = ('max', 'mse')
+# Clip ratios (of max|w|) tried by weight_clip='mse'.
+_CLIP_RATIOS = torch.linspace(0.3, 1.0, 36)
+# Clip ratios (of max|x|) tried by act_clip='mse': activations can be far more heavy-tailed.
+_ACT_CLIP_RATIOS = torch.logspace(-2, 0, 61)
+# Activation values kept per calibration batch for act_clip='mse'.
+_ACT_SAMPLE = 1 << 15
 
 
 def qrange(bits: int):
@@ -57,6 +87,8 @@ class ActQuant(nn.Module):
     Per-tensor activation fake-quantizer with a calibrated or learned scale.
 
     ``mode='symmetric'``: signed, zero point 0, range +-max|x| (TensorRT's form).
+    ``mode='unsigned'``: zero point 0, range [0, max x] on 2^b - 1 steps, learned like
+    'symmetric' (for tensors that cannot be negative; low-bit studies).
     ``mode='sigma4'``: the FlowNetS study's unsigned range [0, 4 sigma] after BN + ReLU.
     ``batch_share``: this process's fraction of the global batch (set per step by distributed
     training, 1 otherwise), so the LSQ gradient scale is the one of the global batch.
@@ -64,10 +96,16 @@ class ActQuant(nn.Module):
 
     batch_share = 1.0
 
-    def __init__(self, bits=8, learn=True, mode='symmetric'):
+    def __init__(self, bits=8, learn=True, mode='symmetric', clip='max'):
         super().__init__()
+        if clip not in CLIPS:
+            raise ValueError(f'clip={clip!r} must be one of {CLIPS}')
+        self.clip = clip
+        self._samples = []
         self.bits = bits
-        self.learn = learn and mode == 'symmetric'
+        if mode not in ACT_MODES:
+            raise ValueError(f'mode={mode!r} must be one of {ACT_MODES}')
+        self.learn = learn and mode != 'sigma4'
         self.mode = mode
         self.register_buffer('moments', torch.zeros(3, dtype=torch.float64))
         self.scale = nn.Parameter(torch.tensor(1.0), requires_grad=self.learn)
@@ -91,10 +129,15 @@ class ActQuant(nn.Module):
                 xd = x.detach().double()
                 self.moments += torch.stack([xd.new_tensor(float(xd.numel())), xd.sum(),
                                              (xd * xd).sum()])
+                if self.clip == 'mse':
+                    flat = x.detach().flatten()
+                    pick = torch.randint(0, flat.numel(), (min(_ACT_SAMPLE, flat.numel()),),
+                                         device=flat.device)
+                    self._samples.append(flat[pick].float())
             return x
         if not self.enabled or not bool(self.calibrated):
             return x
-        qmin, qmax = (0, 2 ** self.bits - 1) if self.mode == 'sigma4' else qrange(self.bits)
+        qmin, qmax = self.qbounds(self.bits)
         scale = self.scale.abs() + 1e-8
         if self.learn and self.training:
             # LSQ: gradient to the scale scaled by 1 / sqrt(numel * qmax), numel counted over
@@ -103,6 +146,10 @@ class ActQuant(nn.Module):
             scale = scale * g + (scale - scale * g).detach()
         return _fake_quant(x, scale, qmin, qmax)
 
+    def qbounds(self, bits: int):
+        """Integer range at ``bits``: signed narrow (symmetric) or [0, 2^b - 1]."""
+        return qrange(bits) if self.mode == 'symmetric' else (0, 2 ** bits - 1)
+
     def finish_calibration(self):
         with torch.no_grad():
             if self.mode == 'sigma4':
@@ -110,7 +157,12 @@ class ActQuant(nn.Module):
                 sigma = max((s2 / max(n, 1) - (s1 / max(n, 1)) ** 2), 0.0) ** 0.5
                 self.scale.fill_(max(4.0 * sigma, 1e-4) / (2 ** self.bits - 1))
             else:
-                self.scale.copy_(torch.clamp(self.running_max, min=1e-4) / qrange(self.bits)[1])
+                qmin, qmax = self.qbounds(self.bits)
+                amax = torch.clamp(self.running_max, min=1e-4)
+                if self.clip == 'mse' and self._samples:
+                    amax = _mse_clip(torch.cat(self._samples), amax, qmin, qmax)
+                self.scale.copy_(amax / qmax)
+            self._samples = []
             self.calibrated.fill_(True)
         self.calibrating = False
 
@@ -122,17 +174,22 @@ def _fake_quant(x, scale, qmin, qmax):
     return q * scale
 
 
+ACT_MODES = ('symmetric', 'unsigned', 'sigma4')
+
+
 class QConv2d(nn.Conv2d):
     """Conv2d whose weights are fake-quantized per output channel (symmetric, zero point 0)."""
 
     bits = 8
     per_channel = True
+    clip = 'max'         # 'max' or 'mse' (QuantConfig.weight_clip)
     frozen_scale = None
     frozen_bias = None
     unit_range = False   # study scheme: weights clipped to [-1, 1], scale 1 / qmax
 
     @classmethod
-    def from_conv(cls, conv: nn.Conv2d, bits: int, per_channel: bool) -> 'QConv2d':
+    def from_conv(cls, conv: nn.Conv2d, bits: int, per_channel: bool,
+                  clip: str = 'max') -> 'QConv2d':
         q = cls(conv.in_channels, conv.out_channels, conv.kernel_size, conv.stride,
                 conv.padding, conv.dilation, conv.groups, bias=True)
         with torch.no_grad():
@@ -143,6 +200,7 @@ class QConv2d(nn.Conv2d):
                 q.bias.zero_()
         q.bits = bits
         q.per_channel = per_channel
+        q.clip = clip
         return q
 
     def weight_scale(self):
@@ -150,6 +208,8 @@ class QConv2d(nn.Conv2d):
         w = self.weight.detach()
         if self.unit_range:
             return torch.full((w.shape[0],), 1.0 / qmax, device=w.device)
+        if self.clip == 'mse':
+            return _mse_weight_scale(w, qmax, self.per_channel)
         if self.per_channel:
             amax = w.abs().flatten(1).max(dim=1).values
         else:
@@ -167,6 +227,20 @@ class QConv2d(nn.Conv2d):
                                                                  dtype=torch.int32),
                 0, -128, 127)
         return _fake_quant(self.weight, scale.view(-1, 1, 1, 1), qmin, qmax)
+
+    def freeze(self):
+        """
+        Fix the weight step and the bias for ONNX export.
+
+        Weights outside the clipping range (``clip='mse'``) are clipped here, so the int8
+        QuantizeLinear (which saturates at -128..127, not at +-qmax) sees the trained integers.
+        """
+        scale = self.weight_scale().float().clone()
+        bound = (qrange(self.bits)[1] * scale).view(-1, 1, 1, 1)
+        with torch.no_grad():
+            self.weight.copy_(torch.maximum(torch.minimum(self.weight, bound), -bound))
+        self.frozen_scale = scale
+        self.frozen_bias = self.quantized_bias().detach().clone()
 
     def input_quant(self):
         """Return the ActQuant feeding this conv (linked by ``link_bias_quantizers``)."""
@@ -200,6 +274,27 @@ class QConv2d(nn.Conv2d):
         return self._conv_forward(x, self.quantized_weight(), bias)
 
 
+@torch.no_grad()
+def _mse_clip(x: torch.Tensor, amax: torch.Tensor, qmin: int, qmax: int) -> torch.Tensor:
+    """Return the clipping bound (ratio x ``amax``) whose fake quantization of ``x`` errs least."""
+    bounds = _ACT_CLIP_RATIOS.to(x.device, x.dtype) * amax.to(x.dtype)
+    errors = torch.stack([((torch.clamp(torch.round(x / (b / qmax)), qmin, qmax) * (b / qmax)
+                            - x) ** 2).sum() for b in bounds])
+    return bounds[errors.argmin()].to(amax.dtype)
+
+
+@torch.no_grad()
+def _mse_weight_scale(w: torch.Tensor, qmax: int, per_channel: bool) -> torch.Tensor:
+    """Per output channel, the step (clip ratio x max|w| / qmax) with least squared error."""
+    flat = w.flatten(1) if per_channel else w.reshape(1, -1)
+    amax = torch.clamp(flat.abs().max(dim=1).values, min=1e-8)
+    steps = _CLIP_RATIOS.to(w.device, w.dtype).view(-1, 1) * amax / qmax    # (R, C)
+    q = torch.clamp(torch.round(flat / steps[..., None]), -qmax, qmax) * steps[..., None]
+    best = ((q - flat) ** 2).sum(dim=2).argmin(dim=0)                        # (C,)
+    scale = steps.gather(0, best.view(1, -1)).squeeze(0)
+    return scale if per_channel else scale.expand(w.shape[0])
+
+
 def fold_batchnorm(model: nn.Module) -> nn.Module:
     """Fold every Conv2d + BatchNorm2d pair of ConvBNReLU blocks into one biased conv."""
     for module in model.modules():
@@ -226,26 +321,33 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     ``ours``: BN folded, per-channel weight scales, learned symmetric activation ranges on
     every tensor that feeds a conv. ``study``: BN kept (BN + ReLU before every quantizer),
     weights clipped to [-1, 1] on a uniform grid, activations after ReLU in [0, 4 sigma].
+    With ``unsigned_relu`` the ReLU outputs, and the bilinear up-sampling and concatenation of
+    them, are quantized unsigned; the network input (and a transposed conv's output) stays
+    signed.
     """
     model.eval()
     study = qcfg.scheme == 'study'
     if not study:
         fold_batchnorm(model)
+    relu_mode = 'sigma4' if study else 'unsigned' if qcfg.unsigned_relu else 'symmetric'
     for name, module in list(model.named_modules()):
         for child_name, child in list(module.named_children()):
             if isinstance(child, nn.Conv2d) and not isinstance(child, QConv2d):
-                q = QConv2d.from_conv(child, qcfg.weight_bits, qcfg.per_channel)
+                q = QConv2d.from_conv(child, qcfg.weight_bits, qcfg.per_channel,
+                                      qcfg.weight_clip)
                 q.unit_range = study
                 setattr(module, child_name, q)
             elif isinstance(child, nn.ReLU):
-                act = ActQuant(qcfg.act_bits, qcfg.learn_scales,
-                               'sigma4' if study else 'symmetric')
+                act = ActQuant(qcfg.act_bits, qcfg.learn_scales, relu_mode, qcfg.act_clip)
                 setattr(module, child_name, nn.Sequential(nn.ReLU(), act))
     # Quantization points that are not after a ReLU: the input, up-sampling, concatenation.
     for module in model.modules():
-        for attr in ('q_in', 'q_up', 'q_cat'):
+        # Bilinear up-sampling and concatenation of ReLU outputs are non-negative too.
+        relu_fed = relu_mode if getattr(module, 'transposed', None) is None else 'symmetric'
+        for attr, mode in (('q_in', 'symmetric'), ('q_up', relu_fed), ('q_cat', relu_fed)):
             if not study and isinstance(getattr(module, attr, None), nn.Identity):
-                setattr(module, attr, ActQuant(qcfg.act_bits, qcfg.learn_scales))
+                setattr(module, attr, ActQuant(qcfg.act_bits, qcfg.learn_scales, mode,
+                                               qcfg.act_clip))
     model.quant_config = qcfg
     return model
 
@@ -254,8 +356,8 @@ def freeze_for_export(model: nn.Module) -> nn.Module:
     """Turn learned/calibrated scales into Python constants for ONNX export (8 bits only)."""
     for m in model.modules():
         if (isinstance(m, ActQuant) and m.mode != 'symmetric') or getattr(m, 'unit_range', 0):
-            raise ValueError('ONNX QDQ export needs the symmetric scheme (the study scheme '
-                             'keeps BatchNorm and unsigned ranges; it is for accuracy studies)')
+            raise ValueError('ONNX QDQ export needs signed symmetric activations (the study '
+                             'scheme and unsigned_relu are for accuracy studies)')
         if isinstance(m, ActQuant):
             if m.bits != 8 and bool(m.calibrated) and m.enabled:
                 raise ValueError(f'ONNX QDQ export needs 8-bit activations, got {m.bits}')
@@ -264,8 +366,7 @@ def freeze_for_export(model: nn.Module) -> nn.Module:
         elif isinstance(m, QConv2d):
             if m.bits != 8:
                 raise ValueError(f'ONNX QDQ export needs 8-bit weights, got {m.bits}')
-            m.frozen_scale = m.weight_scale().float().clone()
-            m.frozen_bias = m.quantized_bias().detach().clone()
+            m.freeze()
     return model
 
 
@@ -318,6 +419,7 @@ def calibrate(model: nn.Module, batches, reduce=None, example=None) -> int:
         q.calibrating = True
         q.running_max.zero_()
         q.moments.zero_()
+        q._samples = []
     model.eval()
     n = 0
     for x in batches:

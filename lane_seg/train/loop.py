@@ -206,9 +206,12 @@ def calibrate_synced(model, batches, limit: int, env: DistEnv, example) -> int:
     Calibrate activation quantizers on the first ``limit`` batches, shared out over the ranks.
 
     Each rank observes its batches; the ranges (max) and moments (sum) are all-reduced before
-    the scales are set, so every rank gets the scales a single process would compute.
+    the scales are set, so every rank gets the scales a single process would compute. Ranges
+    calibrated from a sample of the activations (``act_clip='mse'``) are averaged over the
+    ranks afterwards, so all ranks share them.
     """
-    from ..models.quant import calibrate
+    import torch
+    from ..models.quant import act_quantizers, calibrate
     mine = (x.to(env.device) for i, x in enumerate(itertools.islice(batches, limit))
             if i % env.world_size == env.rank)
 
@@ -216,7 +219,14 @@ def calibrate_synced(model, batches, limit: int, env: DistEnv, example) -> int:
         for q in quants:
             env.all_reduce(q.running_max, 'max')
             env.all_reduce(q.moments)
-    return calibrate(model, mine, reduce=pool, example=example)
+    n = calibrate(model, mine, reduce=pool, example=example)
+    if env.world_size > 1:
+        with torch.no_grad():
+            for q in act_quantizers(model):
+                if q.clip == 'mse':
+                    env.all_reduce(q.scale.data)
+                    q.scale.data /= env.world_size
+    return n
 
 
 class _StopOnSignal:

@@ -40,6 +40,9 @@ class RunConfig:
     quant_bits: int = 0          # 0 float; 2..8 fake-quantized weights and activations
     act_bits: int = 0            # 0: same as quant_bits
     quant_scheme: str = 'ours'   # 'ours' or 'study' (see models.quant)
+    unsigned_relu: bool = False  # low-bit studies: non-negative activations unsigned
+    weight_clip: str = 'max'     # 'max' or 'mse' weight steps (see models.quant)
+    act_clip: str = 'max'        # 'max' or 'mse' calibrated activation ranges
     learn_bits: str = ''         # '', 'uniform' or 'per_layer' (issue #8)
     bits_hardware: str = 'size'  # 'sum_bits', 'size' or 'bitops'
     bits_lambda: float = 0.97
@@ -135,7 +138,10 @@ def run_metadata(cfg, verb: str, arch_type: str) -> dict:
         'architecture': {'type': arch_type, 'config': dict(cfg.arch),
                          'quant': ({'weight_bits': bits, 'act_bits': cfg.act_bits or bits,
                                     'per_channel': True, 'learn_scales': True,
-                                    'scheme': cfg.quant_scheme}
+                                    'scheme': cfg.quant_scheme,
+                                    'unsigned_relu': cfg.unsigned_relu,
+                                    'weight_clip': cfg.weight_clip,
+                                    'act_clip': cfg.act_clip}
                                    if bits else None)},
     }
 
@@ -312,6 +318,15 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
                    '--init: PTQ calibration, then QAT for --epochs')
     p.add_argument('--act-bits', type=int, default=0)
     p.add_argument('--quant-scheme', choices=['ours', 'study'], default='ours')
+    p.add_argument('--unsigned-relu', action='store_true',
+                   help='quantize non-negative activations on [0, 2^b - 1] (twice the levels; '
+                        'low-bit studies, not the int8 form TensorRT takes)')
+    p.add_argument('--weight-clip', choices=['max', 'mse'], default=d.weight_clip,
+                   help='weight step per channel: max|w| / qmax, or the least-squared-error '
+                        'clip (helps at 4 bits and below)')
+    p.add_argument('--act-clip', choices=['max', 'mse'], default=d.act_clip,
+                   help='calibrated activation range: the largest value seen, or the '
+                        'least-squared-error clip of a sample (helps at 4 bits and below)')
     p.add_argument('--learn-bits', choices=['', 'uniform', 'per_layer'], default='',
                    help='learn bit widths (2..8) with a hardware loss (needs --quant-bits)')
     p.add_argument('--bits-hardware', choices=['sum_bits', 'size', 'bitops'], default='size')
@@ -331,7 +346,9 @@ def common_config(args) -> dict:
     """Config fields of ``add_common_arguments`` (plus the run-control ones)."""
     return dict(
         seed=args.seed, init=args.init, crop=tuple(args.crop), quant_bits=args.quant_bits,
-        act_bits=args.act_bits, quant_scheme=args.quant_scheme, learn_bits=args.learn_bits,
+        act_bits=args.act_bits, quant_scheme=args.quant_scheme,
+        unsigned_relu=args.unsigned_relu, weight_clip=args.weight_clip, act_clip=args.act_clip,
+        learn_bits=args.learn_bits,
         bits_hardware=args.bits_hardware, bits_lambda=args.bits_lambda,
         bits_alpha=args.bits_alpha, bits_lr=args.bits_lr, bits_every=args.bits_every,
         bits_optimizer=args.bits_optimizer,
