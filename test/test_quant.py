@@ -405,3 +405,22 @@ def test_unsigned_activations_refuse_int8_qdq_export():
     calibrate(q, [inputs()])
     with pytest.raises(ValueError, match='signed symmetric'):
         freeze_for_export(q)
+
+
+def test_weight_step_follows_the_weights_and_survives_inference_mode():
+    torch.manual_seed(0)
+    q = QConv2d.from_conv(nn.Conv2d(3, 4, 3), 4, True, 'mse')
+    x = torch.randn(2, 3, 8, 8)
+    with torch.inference_mode():
+        q.eval()
+        q(x)
+    q.train()
+    opt = torch.optim.SGD(q.parameters(), lr=1.0)
+    before = q.weight_scale().clone()
+    q(x).square().sum().backward()   # after evaluation under inference_mode: no error
+    opt.step()
+    after = q.weight_scale()
+    assert not torch.equal(before, after)
+    torch.testing.assert_close(after, q._weight_scale())
+    q.bits = 3
+    torch.testing.assert_close(q.weight_scale(), q._weight_scale())

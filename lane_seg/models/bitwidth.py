@@ -40,7 +40,8 @@ import torch
 from torch import nn
 from torch.overrides import TorchFunctionMode
 
-from .quant import ActQuant, link_bias_quantizers, QConv2d, qrange, quant_summary
+from .quant import (ActQuant, check_signed_symmetric, link_bias_quantizers, QConv2d, qrange,
+                    quant_summary)
 
 MIN_BITS = 2
 MAX_BITS = 8
@@ -68,10 +69,6 @@ def _round_tensor(n: torch.Tensor) -> torch.Tensor:
     return torch.floor(n + 0.5).clamp(MIN_BITS, MAX_BITS)
 
 
-def _act_qmax(quant: ActQuant, bits: int) -> int:
-    return quant.qbounds(bits)[1]
-
-
 def set_bits(module, bits: int, keep_range: bool = True):
     """
     Set the bit width of a QConv2d or ActQuant.
@@ -88,7 +85,7 @@ def set_bits(module, bits: int, keep_range: bool = True):
     if isinstance(module, ActQuant) and keep_range and module.bits != bits \
             and bool(module.calibrated):
         with torch.no_grad():
-            module.scale.mul_(_act_qmax(module, module.bits) / _act_qmax(module, bits))
+            module.scale.mul_(module.qbounds(module.bits)[1] / module.qbounds(bits)[1])
     module.bits = bits
 
 
@@ -625,10 +622,7 @@ def export_learned(model: nn.Module, meta: dict, path, opset: int = 17, clip: bo
     The export works on a copy; ``model`` is left as it is.
     """
     from .export import check_tensorrt_qdq, export_onnx
-    for m in model.modules():
-        if (isinstance(m, ActQuant) and m.mode != 'symmetric') or getattr(m, 'unit_range', 0):
-            raise ValueError('ONNX QDQ export needs signed symmetric activations (the study '
-                             'scheme and unsigned_relu are for accuracy studies)')
+    check_signed_symmetric(model)
     layer_bits = quant_summary(model)
     for kind, widths in layer_bits.items():
         for name, bits in widths.items():
@@ -640,10 +634,7 @@ def export_learned(model: nn.Module, meta: dict, path, opset: int = 17, clip: bo
     # deepcopy keeps the bias links (weak references) pointing at the original quantizers.
     link_bias_quantizers(out, torch.zeros(1, *shape[1:]))
     for m in out.modules():
-        if isinstance(m, ActQuant):
-            m.frozen_scale = (float(m.scale.detach().abs()) + 1e-8
-                              if bool(m.calibrated) and m.enabled else None)
-        elif isinstance(m, QConv2d):
+        if isinstance(m, (ActQuant, QConv2d)):
             m.freeze()
     clipped = 0
     if clip:

@@ -68,6 +68,7 @@ class QuantConfig:
 
 
 CLIPS = ('max', 'mse')
+ACT_MODES = ('symmetric', 'unsigned', 'sigma4')
 # Clip ratios (of max|w|) tried by weight_clip='mse'.
 _CLIP_RATIOS = torch.linspace(0.3, 1.0, 36)
 # Clip ratios (of max|x|) tried by act_clip='mse': activations can be far more heavy-tailed.
@@ -146,6 +147,11 @@ class ActQuant(nn.Module):
             scale = scale * g + (scale - scale * g).detach()
         return _fake_quant(x, scale, qmin, qmax)
 
+    def freeze(self):
+        """Fix the calibrated or learned step as a Python constant for ONNX export."""
+        self.frozen_scale = (float(self.scale.detach().abs()) + 1e-8
+                             if bool(self.calibrated) and self.enabled else None)
+
     def qbounds(self, bits: int):
         """Integer range at ``bits``: signed narrow (symmetric) or [0, 2^b - 1]."""
         return qrange(bits) if self.mode == 'symmetric' else (0, 2 ** bits - 1)
@@ -172,9 +178,6 @@ def _fake_quant(x, scale, qmin, qmax):
     q = torch.clamp(x / scale, qmin, qmax)
     q = q + (torch.round(q) - q).detach()
     return q * scale
-
-
-ACT_MODES = ('symmetric', 'unsigned', 'sigma4')
 
 
 class QConv2d(nn.Conv2d):
@@ -204,6 +207,23 @@ class QConv2d(nn.Conv2d):
         return q
 
     def weight_scale(self):
+        """
+        Return the per-output-channel step, computed once per version of the weights.
+
+        Evaluation asks for it twice per forward (the weight grid and the bias grid); the
+        ``'mse'`` search is worth doing once. An optimizer step or a loaded state dict changes
+        the weights' version, a new width or clip changes the key; a step computed under
+        ``torch.inference_mode`` is not reused outside it (autograd refuses inference tensors).
+        """
+        key = (self.weight._version, self.weight.data_ptr(), self.bits, self.clip,
+               self.per_channel, self.unit_range, torch.is_inference_mode_enabled())
+        cached = self.__dict__.get('_scale_cache')
+        if cached is None or cached[0] != key:
+            cached = (key, self._weight_scale())
+            self.__dict__['_scale_cache'] = cached
+        return cached[1]
+
+    def _weight_scale(self):
         qmax = qrange(self.bits)[1]
         w = self.weight.detach()
         if self.unit_range:
@@ -352,17 +372,22 @@ def quantize_model(model: nn.Module, qcfg: QuantConfig) -> nn.Module:
     return model
 
 
-def freeze_for_export(model: nn.Module) -> nn.Module:
-    """Turn learned/calibrated scales into Python constants for ONNX export (8 bits only)."""
+def check_signed_symmetric(model: nn.Module):
+    """Raise unless every quantizer has the signed symmetric form int8 QDQ export needs."""
     for m in model.modules():
         if (isinstance(m, ActQuant) and m.mode != 'symmetric') or getattr(m, 'unit_range', 0):
             raise ValueError('ONNX QDQ export needs signed symmetric activations (the study '
                              'scheme and unsigned_relu are for accuracy studies)')
+
+
+def freeze_for_export(model: nn.Module) -> nn.Module:
+    """Turn learned/calibrated scales into Python constants for ONNX export (8 bits only)."""
+    check_signed_symmetric(model)
+    for m in model.modules():
         if isinstance(m, ActQuant):
             if m.bits != 8 and bool(m.calibrated) and m.enabled:
                 raise ValueError(f'ONNX QDQ export needs 8-bit activations, got {m.bits}')
-            m.frozen_scale = (float(m.scale.detach().abs()) + 1e-8
-                              if bool(m.calibrated) and m.enabled else None)
+            m.freeze()
         elif isinstance(m, QConv2d):
             if m.bits != 8:
                 raise ValueError(f'ONNX QDQ export needs 8-bit weights, got {m.bits}')
