@@ -4,10 +4,11 @@ import copy
 import math
 
 from helpers import TINY
+from lane_seg.models.flownet import FlowNetConfig, FlowNetS
 from lane_seg.models.layers import ConvBNReLU
 from lane_seg.models.quant import (act_quantizers, ActQuant, calibrate, fold_batchnorm,
-                                   freeze_for_export, QConv2d, qrange, quant_summary,
-                                   QuantConfig, quantize_model)
+                                   freeze_for_export, link_bias_quantizers, QConv2d, qrange,
+                                   quant_summary, QuantConfig, quantize_model)
 from lane_seg.models.unet import UNet, UNetConfig
 import pytest
 import torch
@@ -311,6 +312,9 @@ def test_study_scheme_is_refused_for_export():
     ({'act_clip': 'entropy'}, 'act_clip='),
     ({'scheme': 'study', 'unsigned_relu': True}, 'belong to scheme'),
     ({'scheme': 'study', 'act_clip': 'mse'}, 'belong to scheme'),
+    ({'first_layer_bits': 9}, 'first_layer_bits=9 outside'),
+    ({'first_layer_bits': 1}, 'first_layer_bits=1 outside'),
+    ({'scheme': 'study', 'first_layer_bits': 8}, 'belongs to scheme'),
 ])
 def test_low_bit_option_validation(kwargs, message):
     with pytest.raises(ValueError, match=message):
@@ -362,7 +366,7 @@ def test_mse_weight_step_errs_less_than_max_at_4_bits():
     # Never a coarser grid than max|w| / qmax, and integers stay inside +-qmax.
     q = QConv2d.from_conv(conv, 4, True, 'mse')
     assert torch.all(q.weight_scale() <= QConv2d.from_conv(conv, 4, True).weight_scale() + 1e-7)
-    ints = q.quantized_weight() / q.weight_scale().view(-1, 1, 1, 1)
+    ints = q.quantized_weight().detach() / q.weight_scale().view(-1, 1, 1, 1)
     assert float(ints.abs().max()) <= 7 + 1e-4
 
 
@@ -424,3 +428,30 @@ def test_weight_step_follows_the_weights_and_survives_inference_mode():
     torch.testing.assert_close(after, q._weight_scale())
     q.bits = 3
     torch.testing.assert_close(q.weight_scale(), q._weight_scale())
+
+
+@pytest.mark.parametrize('build', [
+    lambda: random_bn_unet(),
+    lambda: UNet(UNetConfig(**dict(TINY, variant='classic'))).eval(),
+    lambda: FlowNetS(FlowNetConfig(width=0.0625, levels=3)).eval(),
+], ids=['unet-fast', 'unet-classic', 'flownets'])
+def test_first_layer_bits_widen_the_input_and_the_conv_it_feeds(build):
+    model = build()
+    channels = 6 if isinstance(model, FlowNetS) else 3
+    x = torch.randn(2, channels, 64, 128, generator=torch.Generator().manual_seed(3))
+    q = quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, first_layer_bits=8))
+    link_bias_quantizers(q, x[:1])
+    widened = [m for m in q.modules() if isinstance(m, QConv2d) and m.bits == 8]
+    # Exactly one conv is widened, and it is the one the network input feeds.
+    assert len(widened) == 1 and widened[0].input_quant() is q.q_in
+    assert q.q_in.bits == 8
+    assert {m.bits for m in q.modules() if isinstance(m, ActQuant) and m is not q.q_in} == {4}
+    calibrate(q, [x])
+    # The input is rounded on 255 levels, not 15.
+    assert len(torch.unique(q.q_in(x).detach())) > 100
+
+
+def test_first_layer_bits_need_an_input_quantizer():
+    model = nn.Sequential(nn.Conv2d(3, 4, 3), nn.ReLU())
+    with pytest.raises(ValueError, match='needs a model with an input quantizer'):
+        quantize_model(model, QuantConfig(weight_bits=4, act_bits=4, first_layer_bits=8))

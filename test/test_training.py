@@ -232,6 +232,27 @@ def test_cli_ptq_with_zero_epochs(runs, tmp_path, capsys):
     assert sidecar(result['checkpoint'])['architecture']['quant']['weight_bits'] == 8
 
 
+def test_cli_low_bit_options_survive_the_checkpoint(runs, tmp_path, capsys):
+    # W4A4 with unsigned grids, least-error ranges and an 8-bit first layer: the options are
+    # recorded, a reload rebuilds the same widths, and int8 QDQ export refuses the unsigned form.
+    out = tmp_path / 'cli_w4f8'
+    rc = main(['train', 'seg', '--data', runs.data, '--val', runs.data, '--out', str(out),
+               '--epochs', '0', '--init', runs.seg['checkpoint'], '--quant-bits', '4',
+               '--unsigned-relu', '--weight-clip', 'mse', '--act-clip', 'mse',
+               '--first-layer-bits', '8', '--max-val', '1', '--threads', '1'])
+    assert rc == 0
+    result = json.loads(capsys.readouterr().out.split('\n', 1)[1])
+    quant = sidecar(result['checkpoint'])['architecture']['quant']
+    assert quant['first_layer_bits'] == 8 and quant['weight_bits'] == 4
+    model, _ = checkpoint.load_model(result['checkpoint'])
+    assert model.q_in.bits == 8
+    conv_bits = [m.bits for m in model.modules() if isinstance(m, QConv2d)]
+    assert conv_bits[0] == 8 and set(conv_bits[1:]) == {4}
+    assert {m.bits for m in act_quantizers(model) if m is not model.q_in} == {4}
+    with pytest.raises(ValueError, match='signed symmetric'):
+        export_models(runs.seg['checkpoint'], result['checkpoint'], tmp_path / 'm', 'w4f8')
+
+
 def test_cli_train_flow_and_export(runs, tmp_path, capsys):
     rc = main(['train', 'flow', '--data', runs.data, '--val', runs.data,
                '--out', str(tmp_path / 'cli_flow'), '--epochs', '0', '--width', '0.0625',

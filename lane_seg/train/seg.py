@@ -43,6 +43,7 @@ class RunConfig:
     unsigned_relu: bool = False  # low-bit studies: non-negative activations unsigned
     weight_clip: str = 'max'     # 'max' or 'mse' weight steps (see models.quant)
     act_clip: str = 'max'        # 'max' or 'mse' calibrated activation ranges
+    first_layer_bits: int = 0    # input and first conv weights at this width (0: same)
     learn_bits: str = ''         # '', 'uniform' or 'per_layer' (issue #8)
     bits_hardware: str = 'size'  # 'sum_bits', 'size' or 'bitops'
     bits_lambda: float = 0.97
@@ -141,7 +142,8 @@ def run_metadata(cfg, verb: str, arch_type: str) -> dict:
                                     'scheme': cfg.quant_scheme,
                                     'unsigned_relu': cfg.unsigned_relu,
                                     'weight_clip': cfg.weight_clip,
-                                    'act_clip': cfg.act_clip}
+                                    'act_clip': cfg.act_clip,
+                                    'first_layer_bits': cfg.first_layer_bits}
                                    if bits else None)},
     }
 
@@ -327,6 +329,9 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
     p.add_argument('--act-clip', choices=['max', 'mse'], default=d.act_clip,
                    help='calibrated activation range: the largest value seen, or the '
                         'least-squared-error clip of a sample (helps at 4 bits and below)')
+    p.add_argument('--first-layer-bits', type=int, default=d.first_layer_bits,
+                   help='the network input and the first conv weights at this width (2..8; '
+                        '0: the same as --quant-bits); the usual 8 for 4-bit studies')
     p.add_argument('--learn-bits', choices=['', 'uniform', 'per_layer'], default='',
                    help='learn bit widths (2..8) with a hardware loss (needs --quant-bits)')
     p.add_argument('--bits-hardware', choices=['sum_bits', 'size', 'bitops'], default='size')
@@ -348,7 +353,7 @@ def common_config(args) -> dict:
         seed=args.seed, init=args.init, crop=tuple(args.crop), quant_bits=args.quant_bits,
         act_bits=args.act_bits, quant_scheme=args.quant_scheme,
         unsigned_relu=args.unsigned_relu, weight_clip=args.weight_clip, act_clip=args.act_clip,
-        learn_bits=args.learn_bits,
+        first_layer_bits=args.first_layer_bits, learn_bits=args.learn_bits,
         bits_hardware=args.bits_hardware, bits_lambda=args.bits_lambda,
         bits_alpha=args.bits_alpha, bits_lr=args.bits_lr, bits_every=args.bits_every,
         bits_optimizer=args.bits_optimizer,
