@@ -128,3 +128,15 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quan
   --unsigned-relu --weight-clip mse --act-clip mse --first-layer-bits 8 --epochs 4 --lr 3e-4 \
   --crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
   --val cache:$CACHE/val800 --max-val 48 --out $RUNS/flow_full12_w4a4f8
+# Issue 8, flow at a 192-step budget (docs/learned_bits.md): uniform W5A8 with least-error
+# weight steps (test EPE 2.024, 1150 KiB) against learned per-layer widths, size loss, λ 0.97
+# (2.044, 1101 KiB).
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 5 \
+  --act-bits 8 --weight-clip mse --epochs 2 --lr 3e-4 --crop 256 512 \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --max-val 48 \
+  --out $RUNS/flow_full12_w5a8m
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quant-bits 8 \
+  --learn-bits per_layer --bits-hardware size --bits-lambda 0.97 --bits-optimizer adam \
+  --bits-lr 0.15 --bits-every 2 --weight-clip mse --epochs 2 --lr 3e-4 --crop 256 512 \
+  --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --max-val 48 \
+  --out $RUNS/flow_full12_lb97
