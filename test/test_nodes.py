@@ -28,6 +28,8 @@ from diagnostic_msgs.msg import DiagnosticArray
 from helpers import ros_domain_env
 from lane_seg.image_conversion import image_to_numpy, numpy_to_image
 from lane_seg.latency import Level
+from lane_seg.ros.base import (GIL_SWITCH_DEFAULT_MS, GIL_SWITCH_ENV,
+                               set_gil_switch_interval)
 from lane_seg.ros.camera_sim_node import CameraSimNode
 from lane_seg.ros.flow_node import FlowNode, reset_kind
 from lane_seg.ros.lane_seg_node import LaneSegNode
@@ -838,8 +840,9 @@ def test_camera_sim_flow_k_to_k1_goes_out_with_frame_k1_and_its_stamp(graph):
 
 
 # -- across processes -----------------------------------------------------------------------
-def start(args, **kwargs):
-    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID), PYTHONUNBUFFERED='1')
+def start(args, extra_env=None, **kwargs):
+    env = dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID), PYTHONUNBUFFERED='1',
+               **(extra_env or {}))
     return subprocess.Popen(args, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True,
                             env=env, **kwargs)
 
@@ -938,7 +941,8 @@ def call_set_parameters(node, service, params, timeout=5.0):
 def test_lane_seg_node_process_without_model_reports_error_and_refuses_bad_params(graph):
     diags = graph.collect('/diagnostics', DiagnosticArray)
     proc = start([str(BIN / 'lane_seg_node'), '--ros-args', '-p',
-                  'model_path:=/nonexistent/lane_model.onnx'])
+                  'model_path:=/nonexistent/lane_model.onnx'],
+                 extra_env={GIL_SWITCH_ENV: 'fast'})
     try:
         wait_until(lambda: any(s.hardware_id == 'lane_seg_node' for a in diags
                                for s in a.status), timeout=10.0, what='diagnostics')
@@ -952,6 +956,8 @@ def test_lane_seg_node_process_without_model_reports_error_and_refuses_bad_param
     assert status.level == bytes([Level.ERROR])
     assert status.message.startswith('start-up failed: ')
     assert 'cannot load the lanes pipeline' in output
+    # a bad interpreter setting is refused with a warning, not a crash
+    assert f"{GIL_SWITCH_ENV}='fast' is not a number of milliseconds" in output
     assert [r.successful for r in results] == [False, True, False]
     assert 'threshold' in results[0].reason and 'read' in results[2].reason.lower()
 
@@ -962,6 +968,28 @@ def test_bad_parameter_value_at_start_up_exits_with_the_reason():
                           env=dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
     assert proc.returncode == 2, proc.stderr
     assert 'lane_seg_node cannot start' in proc.stderr and 'threshold' in proc.stderr
+
+
+@pytest.fixture
+def switch_interval():
+    before = sys.getswitchinterval()
+    yield
+    sys.setswitchinterval(before)
+
+
+def test_gil_switch_interval_default_override_and_refusals(switch_interval):
+    warnings = []
+    assert set_gil_switch_interval({}, warnings.append) == GIL_SWITCH_DEFAULT_MS == 1.0
+    assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert set_gil_switch_interval({GIL_SWITCH_ENV: ' 2.5 '}, warnings.append) == 2.5
+    assert sys.getswitchinterval() == pytest.approx(0.0025)
+    assert warnings == []
+    for bad in ('fast', '0', '-1', '1000', 'nan', 'inf'):
+        sys.setswitchinterval(0.005)
+        assert set_gil_switch_interval({GIL_SWITCH_ENV: bad}, warnings.append) == 1.0
+        assert sys.getswitchinterval() == pytest.approx(0.001)
+    assert len(warnings) == 6
+    assert all(w.startswith(f'{GIL_SWITCH_ENV}=') and 'using 1 ms' in w for w in warnings)
 
 
 # -- one-process runner ---------------------------------------------------------------------

@@ -15,6 +15,7 @@ IoU/EPE, start-up failures) to ``--out``.
 import json
 import math
 from pathlib import Path
+import sys
 import time
 
 import cv2
@@ -26,6 +27,7 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 import yaml
 
+from .base import set_gil_switch_interval
 from .camera_sim_node import CameraSimNode
 from .flow_node import FlowNode
 from .lane_seg_node import LaneSegNode
@@ -135,6 +137,8 @@ def run(params, duration: float = 5.0, out='out/run', pictures: int = 4,
     camera = camera_topic_from_params(params)
     remap = ['--ros-args', '-r', f'image:={camera}/image',
              '-r', f'camera_info:={camera}/camera_info']
+    switch_interval = sys.getswitchinterval()   # restored at the end: run() is a library call
+    set_gil_switch_interval(warn=rclpy.logging.get_logger('lane_seg_run').warning)
     context = Context()
     rclpy.init(args=['--ros-args', '--params-file', str(params)], context=context)
     nodes = []
@@ -183,6 +187,7 @@ def run(params, duration: float = 5.0, out='out/run', pictures: int = 4,
         for node in reversed(nodes):
             node.destroy_node()
         rclpy.try_shutdown(context=context)
+        sys.setswitchinterval(switch_interval)
     summary['outputs'] = sorted({p.name for p in out.iterdir()} | {'summary.json'})
     (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     return summary
