@@ -38,9 +38,10 @@ ACCEPTED_ENCODINGS = ('bgr8', 'rgb8', 'bgra8', 'rgba8', 'mono8')
 # Python hands the GIL from a busy thread to a waiting one every switch interval (5 ms by
 # default). A node's executor thread (subscription callbacks) and its worker (conversion,
 # pre/post-processing, publishing) share the GIL, so with the default every frame could wait up
-# to 5 ms for the executor to run its callback or for the worker to wake: measured at 30 Hz of
-# 800x600 frames, the p95 of stamp-to-processing fell from 6.4/8.1 ms (lanes/flow) at 5 ms to
-# 5.2/4.8 ms at 1 ms (docs/bench/node_soak.md). The node mains and the runner set it.
+# to 5 ms for the executor to run its callback or for the worker to wake. Measured at 30 Hz of
+# 800x600 frames (docs/bench/node_soak.md), the p95 of stamp-to-processing per frame went from
+# 6.2/6.2 ms (lanes/flow) to 6.0/5.3 ms over 10 minutes, from 6.4/8.1 to 5.2/4.8 ms in 90-s
+# runs. The node mains and the runner set it.
 GIL_SWITCH_ENV = 'LANE_SEG_GIL_SWITCH_MS'
 GIL_SWITCH_DEFAULT_MS = 1.0
 GIL_SWITCH_RANGE_MS = (0.05, 100.0)
