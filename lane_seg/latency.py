@@ -59,14 +59,22 @@ class Status:
 
 def percentiles(values) -> dict:
     """Return ``{'p50', 'p95', 'p99', 'max', 'mean'}`` of ``values`` (NaN when empty)."""
-    arr = np.asarray(list(values), np.float64)
+    arr = np.sort(np.asarray(list(values), np.float64))
     if arr.size == 0:
         out = {f'p{q}': math.nan for q in PERCENTILES}
         out.update(max=math.nan, mean=math.nan)
         return out
-    qs = np.percentile(arr, PERCENTILES)
-    out = {f'p{q}': float(v) for q, v in zip(PERCENTILES, qs)}
-    out.update(max=float(arr.max()), mean=float(arr.mean()))
+    # numpy's default ('linear') percentile on the sorted samples, without np.percentile's
+    # per-call overhead: /diagnostics computes a dozen of these under the node's lock each
+    # second (2.3 ms with np.percentile for a 10-s window at 30 Hz).
+    out = {}
+    last = arr.size - 1
+    for q in PERCENTILES:
+        pos = q / 100.0 * last
+        lo = int(pos)
+        hi = min(lo + 1, last)
+        out[f'p{q}'] = float(arr[lo] + (arr[hi] - arr[lo]) * (pos - lo))
+    out.update(max=float(arr[-1]), mean=float(arr.mean()))
     return out
 
 

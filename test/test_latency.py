@@ -40,11 +40,14 @@ def test_module_is_pure():
 
 
 def test_percentiles_match_numpy_and_empty_is_nan():
-    values = np.random.default_rng(0).exponential(10.0, 1000)
-    pct = percentiles(values)
-    for q in (50, 95, 99):
-        assert pct[f'p{q}'] == pytest.approx(np.percentile(values, q))
-    assert pct['max'] == values.max()
+    rng = np.random.default_rng(0)
+    for size in (1, 2, 3, 7, 20, 1000):
+        values = rng.exponential(10.0, size)
+        pct = percentiles(values)
+        for q in (50, 95, 99):
+            assert pct[f'p{q}'] == pytest.approx(np.percentile(values, q), rel=1e-12)
+        assert pct['max'] == values.max() and pct['mean'] == pytest.approx(values.mean())
+    assert percentiles([4.0, 4.0, 1.0])['p50'] == 4.0   # unsorted input, ties
     assert all(math.isnan(v) for v in percentiles([]).values())
 
 
