@@ -16,12 +16,16 @@ repository root::
         --test /work/testset --out docs/studies/lane_pareto
 
 Writes ``results.json``, ``table.md``, ``widths.md`` and ``pareto.png`` into ``--out``;
-the run folders go to ``--out/runs`` (ignored by git).
+the run folders go to ``--out/runs`` (ignored by git). ``--only`` picks points of the sweep,
+``--extra`` adds options to every quantized run (``--weight-clip mse``), ``--seed`` sets the
+training seed; ``--combine OUT1 OUT2 ...`` then writes ``spread.md`` (mean and range of each
+point over the repeated sweeps) into ``--out``.
 """
 
 import argparse
 import json
 from pathlib import Path
+import shlex
 import subprocess
 import sys
 
@@ -56,6 +60,13 @@ def sweep(a):
                      '--bits-lambda', str(lam)] + bits_args
             runs.append((f'learned_per_layer_{hw}_{lam}', extra,
                          {'kind': 'learned per layer', 'hardware': hw, 'lambda': lam}))
+    if a.only:
+        known = {name for name, _, _ in runs}
+        unknown = sorted(set(a.only) - known)
+        if unknown:
+            raise SystemExit(f'--only: no run named {", ".join(unknown)} in this sweep; '
+                             f'runs: {", ".join(sorted(known))}')
+        runs = [r for r in runs if r[0] in a.only]
     return runs
 
 
@@ -74,6 +85,10 @@ def train(a, name, extra, runs_dir):
     else:
         cmd += ['--epochs', str(a.epochs), '--max-train', str(a.max_train), '--lr', str(a.lr)]
         cmd += extra
+    if extra and '--quant-bits' in extra:   # quantized runs: the shared low-bit options
+        cmd += shlex.split(a.extra)
+    if extra is not None and '--epochs' not in extra:   # every trained run
+        cmd += ['--seed', str(a.seed)]
     print('$ ' + ' '.join(cmd), flush=True)
     subprocess.run(cmd, check=True, stdout=subprocess.DEVNULL)
     return ckpt
@@ -128,7 +143,8 @@ def run(a):
         print(json.dumps({k: v for k, v in row.items() if k != 'layer_bits'}), flush=True)
     settings = {k: getattr(a, k) for k in ('task', 'float', 'test', 'epochs', 'max_train',
                                            'lr', 'max_val', 'bits_every', 'bits_optimizer',
-                                           'bits_lr', 'alpha', 'limit', 'data', 'val')}
+                                           'bits_lr', 'alpha', 'limit', 'data', 'val',
+                                           'crop', 'extra', 'only', 'seed')}
     (out / 'results.json').write_text(json.dumps({'metric': metric, 'settings': settings,
                                                   'rows': rows}, indent=1) + '\n')
     report(out)
@@ -193,6 +209,28 @@ def report(out):
     plot(rows, metric, out / 'pareto.png')
 
 
+def combine(outs, out):
+    """Mean and range of each point's test metric over repeated sweeps (other seeds)."""
+    sweeps = [json.loads((Path(o) / 'results.json').read_text()) for o in outs]
+    metric = sweeps[0]['metric']
+    names = [r['name'] for r in sweeps[0]['rows']]
+    lines = [f'| model | size (KiB) | test {metric}: mean | min | max | runs (seeds) |',
+             '|---|---|---|---|---|---|']
+    for name in names:
+        rows = [r for s in sweeps for r in s['rows'] if r['name'] == name]
+        seeds = [s['settings'].get('seed', 0) for s in sweeps
+                 if any(r['name'] == name for r in s['rows'])]
+        tests = [r['test'] for r in rows]
+        sizes = sorted({round(r['model_size_bits'] / 8 / 1024) for r in rows})
+        lines.append('| ' + ' | '.join([
+            _label(rows[0]), '-'.join(str(x) for x in (sizes[0], sizes[-1])[:len(sizes)]),
+            f'{sum(tests) / len(tests):.4f}', f'{min(tests):.4f}', f'{max(tests):.4f}',
+            f"{len(tests)} ({', '.join(map(str, seeds))})"]) + ' |')
+    Path(out).mkdir(parents=True, exist_ok=True)
+    (Path(out) / 'spread.md').write_text('\n'.join(lines) + '\n')
+    print('\n'.join(lines))
+
+
 def plot(rows, metric, path):
     """Accuracy against model size and bit operations; the second row zooms in on float."""
     import matplotlib
@@ -255,12 +293,17 @@ def main():
     p.add_argument('--test', help='held-out test folder (lane-seg eval --data)')
     p.add_argument('--out', required=True)
     p.add_argument('--replot', action='store_true', help='table and plot from results.json')
-    p.add_argument('--uniform-bits', type=int, nargs='+', default=[8, 6, 4, 2])
+    p.add_argument('--uniform-bits', type=int, nargs='*', default=[8, 6, 4, 2])
     p.add_argument('--ptq-bits', type=int, nargs='*', default=[8, 6, 4],
                    help='uniform PTQ (calibration only) at these widths')
     p.add_argument('--weight-only-bits', type=int, nargs='*', default=[4, 3, 2],
                    help='uniform QAT of the weights at these widths, activations at 8 bits')
-    p.add_argument('--hardware', nargs='+', default=['size', 'bitops'])
+    p.add_argument('--hardware', nargs='*', default=['size', 'bitops'])
+    p.add_argument('--only', nargs='+', metavar='NAME',
+                   help='run only these points of the sweep (names as in the run folders, '
+                   'e.g. float uniform_w4a8 learned_per_layer_size_0.97)')
+    p.add_argument('--extra', default='', metavar='ARGS',
+                   help='options added to every quantized run, e.g. "--weight-clip mse"')
     p.add_argument('--lambdas', type=float, nargs='+', default=[0.9, 0.97, 0.99, 0.997])
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--max-train', type=int, default=800)
@@ -275,7 +318,16 @@ def main():
     p.add_argument('--val', default='cache:/work/cache/val')
     p.add_argument('--crop', type=int, nargs=2, default=[128, 256],
                    help='training crop (the studies in docs/ were run with 128 256)')
+    p.add_argument('--seed', type=int, default=0,
+                   help='training seed of every trained run (repeat the sweep with other '
+                   'seeds into other --out folders, then --combine them)')
+    p.add_argument('--combine', nargs='+', metavar='OUT',
+                   help='only write --out/spread.md: per point, the mean and range over these '
+                   'sweeps (results.json of each; the same points, different --seed)')
     a = p.parse_args()
+    if a.combine:
+        combine(a.combine, a.out)
+        return
     if a.replot:
         report(a.out)
     else:
