@@ -217,15 +217,15 @@ def combine(outs, out):
     lines = [f'| model | size (KiB) | test {metric}: mean | min | max | runs (seeds) |',
              '|---|---|---|---|---|---|']
     for name in names:
-        rows = [r for s in sweeps for r in s['rows'] if r['name'] == name]
-        seeds = [s['settings'].get('seed', 0) for s in sweeps
-                 if any(r['name'] == name for r in s['rows'])]
-        tests = [r['test'] for r in rows]
-        sizes = sorted({round(r['model_size_bits'] / 8 / 1024) for r in rows})
+        found = [(s['settings'].get('seed', 0), r) for s in sweeps for r in s['rows']
+                 if r['name'] == name]
+        tests = [r['test'] for _, r in found]
+        sizes = sorted({round(r['model_size_bits'] / 8 / 1024) for _, r in found})
+        size = str(sizes[0]) if len(sizes) == 1 else f'{sizes[0]}-{sizes[-1]}'
         lines.append('| ' + ' | '.join([
-            _label(rows[0]), '-'.join(str(x) for x in (sizes[0], sizes[-1])[:len(sizes)]),
+            _label(found[0][1]), size,
             f'{sum(tests) / len(tests):.4f}', f'{min(tests):.4f}', f'{max(tests):.4f}',
-            f"{len(tests)} ({', '.join(map(str, seeds))})"]) + ' |')
+            f"{len(tests)} ({', '.join(str(seed) for seed, _ in found)})"]) + ' |')
     Path(out).mkdir(parents=True, exist_ok=True)
     (Path(out) / 'spread.md').write_text('\n'.join(lines) + '\n')
     print('\n'.join(lines))
