@@ -308,9 +308,17 @@ def test_ort_form_uses_zero_point_0_for_all_non_negative_tensors(exported):
 
 
 def test_ort_form_matches_the_qdq_model(exported):
+    # Same integer graph; ORT picks its int8 kernels by CPU (AVX2, VNNI, AMX), and their
+    # requantization may round a few values differently (bit-equal on an AMD EPYC with
+    # AVX-512 VNNI, 10 of 8192 logits apart by up to 1.2 output steps on an Intel Xeon with
+    # AMX): a rare difference of about one output step, the same masks.
     a = run_onnx(exported.qdq, exported.x)
     b = run_onnx(exported.ort, exported.x)
-    np.testing.assert_allclose(b, a, atol=1e-5)
+    q = exported.q_model
+    steps = np.abs(b - a) / output_step(q.up_half.block[2][1], q.head)
+    assert np.mean(steps > 1e-3) <= 0.01
+    assert steps.max() <= 2.0
+    assert np.mean((a > 0) == (b > 0)) >= 0.999
 
 
 def test_ort_form_refuses_a_float_model(exported, tmp_path):
@@ -354,10 +362,12 @@ def lane_parity(exported, path, optimize):
 def test_parity_with_onnx_reference_semantics(exported, which):
     # ORT without graph optimizations executes the QDQ graph as written: it must agree with
     # the torch fake-quant model to float rounding (well inside one output step everywhere).
+    # The ORT form's QLinear operators are integer kernels chosen by CPU: on an Intel Xeon with
+    # AMX a few logits came 1.2 steps away (at most 1.0 on an AMD EPYC).
     steps, iou, lane_fraction = lane_parity(exported, getattr(exported, which), False)
     assert 0.05 < lane_fraction < 0.5            # a real lane mask, not all-on or all-off
     assert np.mean(steps <= 1.0) >= 0.99
-    assert steps.max() <= 1.0
+    assert steps.max() <= (1.0 if which == 'qdq' else 2.0)
     assert iou >= 0.99
 
 

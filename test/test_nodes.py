@@ -29,7 +29,7 @@ from helpers import ros_domain_env
 from lane_seg.image_conversion import image_to_numpy, numpy_to_image
 from lane_seg.latency import Level
 from lane_seg.ros.base import (GIL_SWITCH_DEFAULT_MS, GIL_SWITCH_ENV,
-                               set_gil_switch_interval)
+                               lower_thread_priority, set_gil_switch_interval)
 from lane_seg.ros.camera_sim_node import CameraSimNode
 from lane_seg.ros.flow_node import FlowNode, reset_kind
 from lane_seg.ros.lane_seg_node import LaneSegNode
@@ -43,6 +43,7 @@ from rclpy.executors import SingleThreadedExecutor
 from rclpy.node import Node
 from rclpy.parameter import Parameter
 from rclpy.qos import qos_profile_sensor_data
+from rclpy.serialization import serialize_message
 from rosgraph_msgs.msg import Clock
 from sensor_msgs.msg import CameraInfo, Image
 from std_msgs.msg import Header
@@ -587,25 +588,36 @@ def test_bad_frames_are_rejected_logged_once_and_counted_while_serving(graph, ca
     assert values[f'rejected.{reason}'] == '3' and values['frames_rejected'] == '3'
 
 
-def test_messages_dds_cannot_carry_are_refused_and_the_callback_survives_them(graph):
-    """Negative sizes, non-integer fields, float data (the rest of the malformed list)."""
+def test_messages_dds_cannot_carry_are_refused_and_corrupted_bytes_are_rejected(graph, capfd):
+    """
+    Refuse what cannot be serialized; reject corrupted bytes that arrive and keep serving.
+
+    Negative sizes, non-integer fields and float data (the rest of the malformed list) cannot
+    be serialized at all; what does reach the raw subscription but is not a valid Image
+    (truncated or corrupted CDR) is rejected as malformed while good frames keep being served.
+    """
     node = make_lane_node(graph)
+    masks = graph.collect('/lane_seg_node/mask')
     wait_loaded(node)
     pub = graph.publisher()
-    cases = [{'width': -2}, {'height': '4'}, {'step': 15.0},
-             {'data': np.zeros(60, np.float64)}]
-    for fields in cases:
+    wait_until(lambda: pub.get_subscription_count() > 0, what='discovery')
+    for fields in ({'width': -2}, {'height': '4'}, {'step': 15.0},
+                   {'data': np.zeros(60, np.float64)}):
         with pytest.raises((SystemError, TypeError, ValueError, AssertionError)):
             pub.publish(raw_image(1.0, **fields))
-    for i, fields in enumerate(cases):      # straight into the subscription callback
-        node._on_image(types.SimpleNamespace(**{**vars_of(raw_image(1.0 + i)), **fields}))
-        wait_until(lambda: sum(node.stats.rejected.values()) == i + 1, what='rejection')
-    assert node.stats.rejected['malformed'] == 4
-
-
-def vars_of(msg):
-    return {name: getattr(msg, name) for name in
-            ('header', 'height', 'width', 'encoding', 'is_bigendian', 'step', 'data')}
+    good = serialize_message(frame_msg(1.5))
+    length_at = good.rindex(len(frame_msg(1.5).data).to_bytes(4, 'little'))
+    corrupted = [good[:len(good) // 2],                                  # truncated
+                 good[:length_at] + (1 << 30).to_bytes(4, 'little') + good[length_at + 4:],
+                 bytes(30)]                                              # shorter than any
+    for i, raw in enumerate(corrupted):
+        pub.publish(raw)
+        wait_until(lambda: node.stats.rejected['malformed'] == i + 1, what=f'corrupted frame {i}')
+    send_and_wait(pub, frame_msg(2.0), lambda: len(masks) == 1)
+    assert stamp_of(masks[0]) == 2.0
+    assert dict(node.stats.rejected) == {'malformed': 3}
+    err = capfd.readouterr().err
+    assert re.search(r'rejected frame: malformed: corrupted serialized Image \(\d+ bytes\)', err)
 
 
 def test_stamps_going_backwards_are_rejected_and_a_clock_reset_is_followed(graph, capfd):
@@ -968,6 +980,52 @@ def test_bad_parameter_value_at_start_up_exits_with_the_reason():
                           env=dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
     assert proc.returncode == 2, proc.stderr
     assert 'lane_seg_node cannot start' in proc.stderr and 'threshold' in proc.stderr
+
+
+def thread_nice(native_id):
+    return os.getpriority(os.PRIO_PROCESS, native_id)
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='per-thread niceness: Linux')
+def test_worker_nice_lowers_only_the_worker_threads_priority(graph, capfd):
+    main_nice = thread_nice(threading.get_native_id())
+    node = make_lane_node(graph, params=[('worker_nice', 7)])
+    masks = graph.collect('/lane_seg_node/mask')
+    wait_loaded(node)
+    assert thread_nice(node._worker.native_id) == min(19, main_nice + 7)
+    assert thread_nice(threading.get_native_id()) == main_nice      # the rest keeps its own
+    plain = make_lane_node(graph, node_name='plain_lane_node')
+    wait_loaded(plain)
+    assert thread_nice(plain._worker.native_id) == main_nice
+    pub = graph.publisher()
+    wait_until(lambda: pub.get_subscription_count() > 0, what='discovery')
+    send_and_wait(pub, frame_msg(1.0), lambda: len(masks) == 1)      # and it serves frames
+    assert f'lanes worker thread at niceness {min(19, main_nice + 7)}' in capfd.readouterr().err
+    result = node.set_parameters([Parameter('worker_nice', value=3)])[0]
+    assert not result.successful and 'read-only' in result.reason
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux'), reason='per-thread niceness: Linux')
+def test_lower_thread_priority_is_per_thread_and_inherited_by_new_threads():
+    seen = {}
+
+    def child():
+        seen['child'] = thread_nice(threading.get_native_id())
+
+    def worker():
+        before = thread_nice(threading.get_native_id())
+        seen['new'] = lower_thread_priority(2)
+        seen['expected'] = min(19, before + 2)
+        inner = threading.Thread(target=child)
+        inner.start()
+        inner.join()
+
+    main_nice = thread_nice(threading.get_native_id())
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen['new'] == seen['expected'] == seen['child']
+    assert thread_nice(threading.get_native_id()) == main_nice
 
 
 @pytest.fixture

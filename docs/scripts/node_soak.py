@@ -69,6 +69,9 @@ def parse_args(argv=None):
                         'started the nodes (they keep 0): its output subscriptions (a 3.8 MB '
                         'flow image per frame) compete with the nodes for the 2 cores '
                         '(default 0)')
+    parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
+                        help="the nodes' worker_nice parameter (niceness of their worker "
+                        "threads); default: the nodes' own (0)")
     parser.add_argument('--domain-id', type=int, default=73,
                         help='ROS_DOMAIN_ID of the soak, away from other runs on the machine')
     parser.add_argument('--out', default=os.path.join(ROOT, 'docs', 'bench'))
@@ -89,6 +92,8 @@ def node_commands(args):
                       '-p', f'model_path:={os.path.join(ROOT, MODELS[node])}',
                       '-p', f'threads:={args.threads}',
                       '-p', f'qos_reliability:={args.qos}'] + remap
+        if getattr(args, 'worker_nice', None) is not None:
+            cmds[node] += ['-p', f'worker_nice:={args.worker_nice}']
     return cmds
 
 

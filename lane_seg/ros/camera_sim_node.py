@@ -29,7 +29,7 @@ import threading
 import time
 
 import cv2
-from lane_seg.image_conversion import numpy_to_image
+from lane_seg.image_cdr import encode_like
 from lane_seg.sim import CameraConfig, DriveConfig, SyntheticDrive
 import numpy as np
 from rclpy.node import Node
@@ -59,21 +59,21 @@ def camera_info(intrinsics, frame_id: str = '') -> CameraInfo:
     return msg
 
 
-def frame_messages(frame, previous=None) -> dict:
+def frame_images(frame, previous=None) -> dict:
     """
-    Image, lane-mask and flow messages of a ``lane_seg.sim.Frame`` (headers unset).
+    Return the image, lane mask and flow of a ``lane_seg.sim.Frame`` as (array, encoding).
 
-    ``previous`` is the frame just before ``frame``: the flow message, published with
-    ``frame``, holds ``previous.flow`` (from ``previous`` to ``frame``, on ``previous``'s grid,
-    NaN where invalid); ``None`` without a previous frame.
+    ``previous`` is the frame just before ``frame``: the flow, published with ``frame``, is
+    ``previous.flow`` (from ``previous`` to ``frame``, on ``previous``'s grid, NaN where
+    invalid); ``None`` without a previous frame. The node serializes them when it publishes
+    (:func:`lane_seg.image_cdr.encode_image`: one copy of the pixels, stamped then).
     """
-    out = {'image': numpy_to_image(cv2.cvtColor(frame.image, cv2.COLOR_BGR2BGRA), 'bgra8'),
-           'lane_mask': numpy_to_image(np.where(frame.lane_mask > 0, 255, 0).astype(np.uint8),
-                                       'mono8'),
+    out = {'image': (cv2.cvtColor(frame.image, cv2.COLOR_BGR2BGRA), 'bgra8'),
+           'lane_mask': (np.where(frame.lane_mask > 0, 255, 0).astype(np.uint8), 'mono8'),
            'flow': None}
     if previous is not None:
         flow = np.where(previous.flow_valid[..., None], previous.flow, np.nan)
-        out['flow'] = numpy_to_image(flow.astype(np.float32), '32FC2')
+        out['flow'] = (flow.astype(np.float32), '32FC2')
     return out
 
 
@@ -125,7 +125,7 @@ class CameraSimNode(Node):
                 return
             # The flow K -> K+1 goes out with frame K+1; frame 0 (and so each pass of a
             # loop) has none.
-            msgs = frame_messages(frame, previous)
+            msgs = frame_images(frame, previous)
             previous = frame
             rendered += 1
             self._render_fps = rendered / max(time.monotonic() - t0, 1e-6)
@@ -169,15 +169,12 @@ class CameraSimNode(Node):
         header = self.info.header
         header.stamp = self.get_clock().now().to_msg()
         header.frame_id = cfg.frame_id
-        msgs['image'].header = header
-        self.pub_image.publish(msgs['image'])
+        self.pub_image.publish(encode_like(*msgs['image'], header))
         self.pub_info.publish(self.info)
         if cfg.publish_ground_truth:
-            msgs['lane_mask'].header = header
-            self.pub_lanes.publish(msgs['lane_mask'])
+            self.pub_lanes.publish(encode_like(*msgs['lane_mask'], header))
             if msgs['flow'] is not None:
-                msgs['flow'].header = header
-                self.pub_flow.publish(msgs['flow'])
+                self.pub_flow.publish(encode_like(*msgs['flow'], header))
         self.published += 1
 
     def close(self):

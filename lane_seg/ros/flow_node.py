@@ -24,11 +24,11 @@ import time
 import cv2
 from lane_seg import metrics
 from lane_seg.flow.viz import flow_to_color
-from lane_seg.image_conversion import image_to_numpy, ImageConversionError, numpy_to_image
+from lane_seg.image_conversion import image_to_numpy, ImageConversionError
 import numpy as np
 from sensor_msgs.msg import Image
 
-from .base import PerceptionNode, spin_node, stamp_ns, StampMatcher
+from .base import PerceptionNode, publish_image, spin_node, stamp_ns, StampMatcher
 from .params import FLOW_SPECS, FlowParams
 from .qos import input_qos
 
@@ -117,10 +117,10 @@ class FlowNode(PerceptionNode):
             return None
         t0 = time.perf_counter()
         cfg = self.params.config
-        self.pub_flow.publish(numpy_to_image(result.flow, '32FC2', header=msg.header))
+        publish_image(self.pub_flow, result.flow, '32FC2', msg.header)
         if cfg.publish_vis and self.pub_vis.get_subscription_count() > 0:
             vis = flow_vis(result.flow, cfg.vis_scale, cfg.vis_max_flow or None)
-            self.pub_vis.publish(numpy_to_image(vis, 'bgr8', header=msg.header))
+            publish_image(self.pub_vis, vis, 'bgr8', msg.header)
         stages = {'conversion': conversion_ms}
         stages.update(result.timings)
         stages['publish'] = (time.perf_counter() - t0) * 1e3

@@ -18,13 +18,13 @@ import threading
 import time
 
 from lane_seg.carla.conversions import palette_to_lane_mask
-from lane_seg.image_conversion import image_to_numpy, ImageConversionError, numpy_to_image
+from lane_seg.image_conversion import image_to_numpy, ImageConversionError
 from lane_seg.metrics import lane_iou
 from lane_seg.pipeline.preprocess import to_bgr
 import numpy as np
 from sensor_msgs.msg import CameraInfo, Image
 
-from .base import PerceptionNode, spin_node, stamp_ns, StampMatcher
+from .base import PerceptionNode, publish_image, ros_header, spin_node, stamp_ns, StampMatcher
 from .params import LANE_SPECS, LaneSegParams
 from .qos import input_qos
 
@@ -151,14 +151,13 @@ class LaneSegNode(PerceptionNode):
         result = self.pipeline(image, msg.encoding)
         t0 = time.perf_counter()
         cfg = self.params.config
-        self.pub_mask.publish(numpy_to_image(result.mask, 'mono8', header=msg.header))
+        publish_image(self.pub_mask, result.mask, 'mono8', msg.header)
         if cfg.publish_overlay and self.pub_overlay.get_subscription_count() > 0:
             bgr = to_bgr(image, msg.encoding)
-            self.pub_overlay.publish(numpy_to_image(overlay(bgr, result.mask), 'bgr8',
-                                                    header=msg.header))
+            publish_image(self.pub_overlay, overlay(bgr, result.mask), 'bgr8', msg.header)
         info = self._camera_info
         if info is not None:
-            info.header = msg.header
+            info.header = ros_header(msg.header)
             self.pub_info.publish(info)
         stages = {'conversion': conversion_ms}
         stages.update(result.timings)

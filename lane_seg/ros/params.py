@@ -117,6 +117,10 @@ def _common(latency_budget_ms):
              '(depth 1)', choices=RELIABILITIES, read_only=True),
         Spec('output_qos_reliability', 'reliable', 'reliability of the outputs (depth 5)',
              choices=RELIABILITIES, read_only=True),
+        Spec('worker_nice', 0, 'niceness added to the worker thread (conversion, inference, '
+             'publishing; engine threads it starts inherit it), so that the subscription '
+             'and middleware threads get a core first when a frame arrives (Linux); 0: same '
+             'priority as the node', bounds=(0, 19), read_only=True),
     )
 
 
@@ -184,6 +188,7 @@ class LaneSegParams(_Config):
     window_s: float
     qos_reliability: str
     output_qos_reliability: str
+    worker_nice: int
     threshold: float
     roi: tuple
     input_size: tuple
@@ -213,6 +218,7 @@ class FlowParams(_Config):
     window_s: float
     qos_reliability: str
     output_qos_reliability: str
+    worker_nice: int
     max_gap_s: float
     publish_vis: bool
     vis_scale: float
