@@ -64,6 +64,9 @@ def decode_image(raw):
     except (SerdeError, ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
         raise ImageConversionError(f'corrupted serialized Image ({size} bytes): '
                                    f'{exc}') from None
+    except Exception as exc:  # whatever else bad bytes make the deserializer raise
+        raise ImageConversionError(f'corrupted serialized Image ({size} bytes): '
+                                   f'{type(exc).__name__}: {exc}') from None
 
 
 def encode_image(array, encoding, stamp_sec=0, stamp_nanosec=0, frame_id=''):
@@ -80,9 +83,11 @@ def encode_image(array, encoding, stamp_sec=0, stamp_nanosec=0, frame_id=''):
     height, width = arr.shape[:2]
     header = header_cls(stamp=time_cls(sec=int(stamp_sec), nanosec=int(stamp_nanosec)),
                         frame_id=str(frame_id))
+    # Not strides[0]: numpy calls a one-row view with a longer stride contiguous too.
+    step = arr.nbytes // height
     empty = image_cls(header=header, height=int(height), width=int(width), encoding=encoding,
-                      is_bigendian=0, step=int(arr.strides[0]), data=np.empty(0, np.uint8))
-    head = _store().serialize_cdr(empty, IMAGE_TYPE)   # ends with the data length, 0
+                      is_bigendian=0, step=int(step), data=np.empty(0, np.uint8))
+    head = _store().serialize_cdr(empty, IMAGE_TYPE, little_endian=True)   # ends: length 0
     pixels = arr.reshape(-1).view(np.uint8)
     return b''.join((head[:-4], struct.pack('<I', pixels.size), pixels))
 

@@ -162,7 +162,7 @@ def numpy_to_image(array, encoding, header=None, msg=None):
     msg.width = int(width)
     msg.encoding = encoding
     msg.is_bigendian = int(sys.byteorder == 'big')
-    msg.step = int(arr.strides[0])
+    msg.step = int(arr.nbytes // height)   # not strides[0]: a one-row view may be longer
     msg.data = data
     return msg
 

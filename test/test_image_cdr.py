@@ -63,6 +63,16 @@ def test_encode_like_copies_the_header_and_never_aliases_the_array():
     assert bytes(msg.data) == bytes([7] * 4)
 
 
+def test_one_row_views_and_strided_arrays_get_a_tight_step():
+    frame = np.arange(10 * 20, dtype=np.uint8).reshape(10, 20)
+    for view in (frame[::10], frame[:, ::2], frame[3:4, 5:9]):   # numpy: [::10] is contiguous
+        for raw in (encode_image(view, 'mono8'), serialize_message(numpy_to_image(view,
+                                                                                  'mono8'))):
+            msg = deserialize_message(raw, Image)
+            assert msg.step == view.shape[1]
+            np.testing.assert_array_equal(image_to_numpy(decode_image(raw)), view)
+
+
 def test_encode_checks_the_array_like_numpy_to_image():
     with pytest.raises(ImageConversionError, match='bgr8 needs shape'):
         encode_image(np.zeros((2, 2), np.uint8), 'bgr8')

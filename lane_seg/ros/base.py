@@ -385,35 +385,33 @@ class PerceptionNode(Node):
                 with self._lock:
                     self.stats.rejected_frame('no_pipeline')
                 continue
-            msg = None
+            t0 = time.perf_counter()
+            queue_ms = (time.monotonic() - received) * 1e3
             try:
-                msg = self._handle(raw, seq, received, arrived_ns)
+                msg = decode_image(raw)
+            except ImageConversionError as exc:
+                self.reject('malformed', str(exc))
+                continue
+            try:
+                self._handle(msg, seq, t0, queue_ms, arrived_ns)
             except Exception as exc:  # a bug or engine failure on one frame: keep serving
                 try:
                     self.reject('pipeline_error', describe_error(exc), msg)
                 except Exception:  # never let the worker die
                     pass
 
-    def _handle(self, raw, seq, received, arrived_ns):
-        t0 = time.perf_counter()
-        queue_ms = (time.monotonic() - received) * 1e3
-        try:
-            msg = decode_image(raw)
-        except ImageConversionError as exc:
-            self.reject('malformed', str(exc))
-            return None
+    def _handle(self, msg, seq, t0, queue_ms, arrived_ns):
         waits = {'queue': queue_ms, 'transport': (arrived_ns - stamp_ns(msg.header)) / 1e6}
         image = self.decode(msg)
         if image is None:
-            return msg
+            return
         conversion_ms = (time.perf_counter() - t0) * 1e3
         stages = self.process(msg, image, seq, conversion_ms)
         if stages is None:
-            return msg
+            return
         e2e = self.end_to_end_ms(msg)
         with self._lock:
             self.stats.processed(stages, e2e, wait_ms=waits)
-        return msg
 
     def rebuild_pipeline(self):
         """Replace the pipeline with one built from the current parameters (worker thread)."""
