@@ -25,7 +25,6 @@ import struct
 import sys
 
 import numpy as np
-from rosbags.serde import SerdeError
 from rosbags.typesys import get_typestore, Stores
 
 from .image_conversion import _check_array, ImageConversionError
@@ -61,10 +60,7 @@ def decode_image(raw):
                                    f'smallest possible ({MIN_IMAGE_BYTES})')
     try:
         return _store().deserialize_cdr(raw, IMAGE_TYPE)
-    except (SerdeError, ValueError, IndexError, UnicodeDecodeError, struct.error) as exc:
-        raise ImageConversionError(f'corrupted serialized Image ({size} bytes): '
-                                   f'{exc}') from None
-    except Exception as exc:  # whatever else bad bytes make the deserializer raise
+    except Exception as exc:  # SerdeError, struct.error, UnicodeDecodeError, IndexError...
         raise ImageConversionError(f'corrupted serialized Image ({size} bytes): '
                                    f'{type(exc).__name__}: {exc}') from None
 

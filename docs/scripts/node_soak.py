@@ -92,7 +92,7 @@ def node_commands(args):
                       '-p', f'model_path:={os.path.join(ROOT, MODELS[node])}',
                       '-p', f'threads:={args.threads}',
                       '-p', f'qos_reliability:={args.qos}'] + remap
-        if getattr(args, 'worker_nice', None) is not None:
+        if args.worker_nice is not None:
             cmds[node] += ['-p', f'worker_nice:={args.worker_nice}']
     return cmds
 

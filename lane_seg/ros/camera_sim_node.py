@@ -29,14 +29,13 @@ import threading
 import time
 
 import cv2
-from lane_seg.image_cdr import encode_like
 from lane_seg.sim import CameraConfig, DriveConfig, SyntheticDrive
 import numpy as np
 from rclpy.node import Node
 from rclpy.qos import DurabilityPolicy, HistoryPolicy, QoSProfile, ReliabilityPolicy
 from sensor_msgs.msg import CameraInfo, Image
 
-from .base import spin_node
+from .base import publish_image, spin_node
 from .params import CAMERA_SIM_SPECS, CameraSimParams, NodeParameters
 from .qos import output_qos
 
@@ -169,12 +168,12 @@ class CameraSimNode(Node):
         header = self.info.header
         header.stamp = self.get_clock().now().to_msg()
         header.frame_id = cfg.frame_id
-        self.pub_image.publish(encode_like(*msgs['image'], header))
+        publish_image(self.pub_image, *msgs['image'], header)
         self.pub_info.publish(self.info)
         if cfg.publish_ground_truth:
-            self.pub_lanes.publish(encode_like(*msgs['lane_mask'], header))
+            publish_image(self.pub_lanes, *msgs['lane_mask'], header)
             if msgs['flow'] is not None:
-                self.pub_flow.publish(encode_like(*msgs['flow'], header))
+                publish_image(self.pub_flow, *msgs['flow'], header)
         self.published += 1
 
     def close(self):
