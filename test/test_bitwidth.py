@@ -10,9 +10,10 @@ import copy
 
 from helpers import FLOW, TINY
 from lane_seg.models import checkpoint
-from lane_seg.models.bitwidth import (export_learned, footprint_table, format_footprint,
-                                      hardware_cost, LearnedBits, MAX_BITS, MIN_BITS,
-                                      restore_layer_bits, round_bits, set_bits, trace_layers)
+from lane_seg.models.bitwidth import (apply_layer_bits, export_learned, footprint_table,
+                                      format_footprint, hardware_cost, LearnedBits, MAX_BITS,
+                                      MIN_BITS, read_layer_bits, restore_layer_bits,
+                                      round_bits, set_bits, trace_layers)
 from lane_seg.models.export import check_tensorrt_qdq
 from lane_seg.models.flownet import FlowNetConfig, FlowNetS
 from lane_seg.models.layers import count_macs
@@ -336,6 +337,49 @@ def test_restore_layer_bits_round_trip():
         assert torch.equal(rebuilt(x), q(x))
     with pytest.raises(ValueError, match='not a QConv2d'):
         restore_layer_bits(rebuilt, {'weights': {'relu.1': 4}})
+
+
+def test_apply_layer_bits_sets_named_layers_and_keeps_ranges():
+    q, _, x, _ = two_layer()
+    before = q.relu[1].scale.item() * qrange(8)[1]
+    widths = apply_layer_bits(q, {'weights': {'conv2': 3}, 'activations': {'relu.1': 4}})
+    assert widths == {'weights': {'conv1': 8, 'conv2': 3},
+                      'activations': {'q_in': 8, 'relu.1': 4}}
+    assert widths == quant_summary(q)
+    # a calibrated activation keeps its clipping range: the step grows by qmax(8) / qmax(4)
+    assert q.relu[1].scale.item() * qrange(4)[1] == pytest.approx(before)
+    with pytest.raises(ValueError, match=r"weights layers \['relu.1'\] are not QConv2ds"):
+        apply_layer_bits(q, {'weights': {'relu.1': 4}})
+    with pytest.raises(ValueError, match=r"activations layers \['nope'\]"):
+        apply_layer_bits(q, {'activations': {'nope': 4}})
+    assert quant_summary(q) == widths   # a refused file changes nothing
+
+
+def test_read_layer_bits_from_json_and_checkpoint_metadata(tmp_path):
+    plain = tmp_path / 'w.json'
+    plain.write_text('{"weights": {"conv1": 4}}')
+    assert read_layer_bits(plain) == {'weights': {'conv1': 4}, 'activations': {}}
+    widths = {'weights': {'conv1': 3}, 'activations': {'q_in': 6}}
+    (tmp_path / 'run.json').write_text(
+        '{"format": "lane_seg.model/1", "quantization": {"layer_bits": %s}}'
+        % str(widths).replace("'", '"'))
+    assert read_layer_bits(tmp_path / 'run.safetensors') == widths   # its sidecar metadata
+    assert read_layer_bits(tmp_path / 'run.json') == widths
+    (tmp_path / 'float.json').write_text('{"format": "lane_seg.model/1", '
+                                         '"quantization": {"scheme": "float32"}}')
+    bad = {'float.safetensors': 'has no quantization.layer_bits',
+           'missing.json': 'no file',
+           'w9.json': r"weights 'conv1' = 9, not an integer in 2..8",
+           'wf.json': r"weights 'conv1' = 4.5",
+           'list.json': 'must hold',
+           'junk.json': 'not readable JSON'}
+    (tmp_path / 'w9.json').write_text('{"weights": {"conv1": 9}}')
+    (tmp_path / 'wf.json').write_text('{"weights": {"conv1": 4.5}}')
+    (tmp_path / 'list.json').write_text('[4, 4]')
+    (tmp_path / 'junk.json').write_text('{"weights": ')
+    for name, message in bad.items():
+        with pytest.raises(ValueError, match=message):
+            read_layer_bits(tmp_path / name)
 
 
 def test_checkpoint_round_trip_with_layer_bits(tmp_path):

@@ -15,13 +15,18 @@ import torch
 ARCH = {'levels': 1, 'base': 4, 'variant': 'fast', 'separable': False}
 
 
+def _base(tmp) -> dict:
+    """Run settings every training run here shares (a tiny U-Net on a 4-frame cache)."""
+    return {'data': f'cache:{tmp}/c', 'val': f'cache:{tmp}/c', 'arch': ARCH,
+            'input_size': (64, 128), 'crop': (32, 64), 'batch': 2, 'threads': 1, 'max_val': 2}
+
+
 @pytest.fixture(scope='module')
 def runs(tmp_path_factory):
     torch.set_num_threads(1)
     tmp = tmp_path_factory.mktemp('learn_bits')
     build_cache(tmp / 'c', seeds=[1, 2], frames=2, height=96, width=128, progress=False)
-    base = {'data': f'cache:{tmp}/c', 'val': f'cache:{tmp}/c', 'arch': ARCH,
-            'input_size': (64, 128), 'crop': (32, 64), 'batch': 2, 'threads': 1, 'max_val': 2}
+    base = _base(tmp)
     fp = train(SegTrainConfig(out=str(tmp / 'f'), epochs=1, **base), log=lambda m: None)
     # lambda 0.05 and a large width learning rate: the hardware term wins within one epoch.
     lb = train(SegTrainConfig(out=str(tmp / 'q'), epochs=1, init=fp['checkpoint'],
@@ -60,3 +65,49 @@ def test_learned_model_exports_to_tensorrt_rules(runs):
     paths = export_models(fp['checkpoint'], lb['checkpoint'], tmp / 'models', 'lb')
     assert check_tensorrt_qdq(paths['int8_qdq_onnx']) == []
     assert Path(paths['int8_ort_onnx']).exists()
+
+
+def test_retrain_at_learned_widths(runs):
+    """--layer-bits: QAT from the float model at the widths a learned run found."""
+    tmp, fp, lb = runs
+    base = _base(tmp)
+    rt = train(SegTrainConfig(out=str(tmp / 'r'), epochs=1, init=fp['checkpoint'],
+                              quant_bits=8, layer_bits=lb['checkpoint'], **base),
+               log=lambda m: None)
+    learned = json.loads(Path(lb['checkpoint']).with_suffix('.json').read_text())
+    meta = json.loads(Path(rt['checkpoint']).with_suffix('.json').read_text())
+    quant = meta['quantization']
+    assert quant['scheme'] == 'fixed-layer-bits'
+    assert quant['layer_bits'] == learned['quantization']['layer_bits']
+    assert quant['model_size_bits'] == learned['quantization']['model_size_bits']
+    model, _ = checkpoint.load_model(rt['checkpoint'])
+    for name, module in model.named_modules():
+        if isinstance(module, QConv2d):
+            assert module.bits == quant['layer_bits']['weights'][name], name
+    paths = export_models(fp['checkpoint'], rt['checkpoint'], tmp / 'rt_models', 'rt')
+    assert check_tensorrt_qdq(paths['int8_qdq_onnx']) == []
+
+
+def test_layer_bits_file_names_some_layers_and_is_checked(runs):
+    tmp, fp, lb = runs
+    base = _base(tmp)
+    model, _ = checkpoint.load_model(lb['checkpoint'])
+    first = next(n for n, m in model.named_modules() if isinstance(m, QConv2d))
+    widths = tmp / 'one.json'
+    widths.write_text(json.dumps({'weights': {first: 3}}))
+    rt = train(SegTrainConfig(out=str(tmp / 'one'), epochs=0, init=fp['checkpoint'],
+                              quant_bits=6, layer_bits=str(widths), **base), log=lambda m: None)
+    weights = json.loads(Path(rt['checkpoint']).with_suffix('.json').read_text())[
+        'quantization']['layer_bits']['weights']
+    assert weights[first] == 3
+    assert {b for n, b in weights.items() if n != first} == {6}   # the rest: --quant-bits
+    widths.write_text(json.dumps({'weights': {'no.such.layer': 3}}))
+    with pytest.raises(ValueError, match='no.such.layer'):
+        train(SegTrainConfig(out=str(tmp / 'bad'), epochs=0, init=fp['checkpoint'],
+                             quant_bits=8, layer_bits=str(widths), **base), log=lambda m: None)
+    with pytest.raises(ValueError, match='--layer-bits needs --quant-bits'):
+        train(SegTrainConfig(out=str(tmp / 'nq'), epochs=0, init=fp['checkpoint'],
+                             layer_bits=str(widths), **base), log=lambda m: None)
+    with pytest.raises(ValueError, match='float --init'):
+        train(SegTrainConfig(out=str(tmp / 'qi'), epochs=0, init=lb['checkpoint'],
+                             quant_bits=8, layer_bits=str(widths), **base), log=lambda m: None)

@@ -60,6 +60,10 @@ def sweep(a):
                      '--bits-lambda', str(lam)] + bits_args
             runs.append((f'learned_per_layer_{hw}_{lam}', extra,
                          {'kind': 'learned per layer', 'hardware': hw, 'lambda': lam}))
+    if a.retrain_learned:   # QAT from float at the widths a learned run found
+        for name, _, desc in [r for r in runs if r[2]['kind'] == 'learned per layer']:
+            runs.append((f'retrained_{name}', ['--quant-bits', '8', '--layer-bits', name],
+                         dict(desc, kind='retrained at learned widths', source=name)))
     if a.only:
         known = {name for name, _, _ in runs}
         unknown = sorted(set(a.only) - known)
@@ -70,11 +74,35 @@ def sweep(a):
     return runs
 
 
+def widths_file(a, source, runs_dir):
+    """
+    Return a file holding the widths learned run ``source`` found.
+
+    Its checkpoint when present, else its ``layer_bits`` in ``--out/results.json`` (the run
+    folders are not kept in git), copied to ``runs/SOURCE.layer_bits.json``.
+    """
+    ckpt = runs_dir / source / f'{source}.safetensors'
+    if ckpt.exists():
+        return ckpt
+    saved = Path(a.out) / 'results.json'
+    rows = json.loads(saved.read_text())['rows'] if saved.exists() else []
+    widths = next((r['layer_bits'] for r in rows if r['name'] == source), None)
+    if not widths:
+        raise SystemExit(f'retrained_{source}: neither {ckpt} nor a {source} row in {saved}: '
+                         f'run {source} first')
+    path = runs_dir / f'{source}.layer_bits.json'
+    path.write_text(json.dumps(widths, indent=1) + '\n')
+    return path
+
+
 def train(a, name, extra, runs_dir):
     out = runs_dir / name
     ckpt = out / f'{name}.safetensors'
     if ckpt.exists():
         return ckpt
+    if extra and '--layer-bits' in extra:   # the learned run's name -> its widths
+        i = extra.index('--layer-bits') + 1
+        extra = extra[:i] + [str(widths_file(a, extra[i], runs_dir))] + extra[i + 1:]
     cmd = [str(BIN / 'lane-seg'), 'train', a.task, '--init', a.float, '--out', str(out),
            '--max-val', str(a.max_val), '--data', a.data, '--val', a.val,
            '--crop', *map(str, a.crop)]
@@ -141,10 +169,15 @@ def run(a):
         row['mean_weight_bits'] = row['model_size_bits'] / row['weight_params']
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != 'layer_bits'}), flush=True)
+    saved = out / 'results.json'
+    if a.only and saved.exists():   # keep the points this call did not run
+        new = {r['name']: r for r in rows}
+        old = json.loads(saved.read_text())['rows']
+        rows = [new.pop(r['name'], r) for r in old] + list(new.values())
     settings = {k: getattr(a, k) for k in ('task', 'float', 'test', 'epochs', 'max_train',
                                            'lr', 'max_val', 'bits_every', 'bits_optimizer',
                                            'bits_lr', 'alpha', 'limit', 'data', 'val',
-                                           'crop', 'extra', 'only', 'seed')}
+                                           'crop', 'extra', 'only', 'seed', 'retrain_learned')}
     (out / 'results.json').write_text(json.dumps({'metric': metric, 'settings': settings,
                                                   'rows': rows}, indent=1) + '\n')
     report(out)
@@ -161,6 +194,8 @@ def _label(r):
         return f"uniform PTQ W{r['bits']}A{r['bits']}"
     if r['kind'] == 'uniform QAT, 8-bit activations':
         return f"uniform QAT W{r['bits']}A8"
+    if r['kind'] == 'retrained at learned widths':
+        return f"retrained at the widths of learned {r['hardware']} λ {r['lambda']}"
     return f"{r['kind']}, {r['hardware']}, λ {r['lambda']}"
 
 
@@ -213,7 +248,7 @@ def combine(outs, out):
     """Mean and range of each point's test metric over repeated sweeps (other seeds)."""
     sweeps = [json.loads((Path(o) / 'results.json').read_text()) for o in outs]
     metric = sweeps[0]['metric']
-    names = [r['name'] for r in sweeps[0]['rows']]
+    names = list(dict.fromkeys(r['name'] for s in sweeps for r in s['rows']))
     lines = [f'| model | size (KiB) | test {metric}: mean | min | max | runs (seeds) |',
              '|---|---|---|---|---|---|']
     for name in names:
@@ -241,7 +276,8 @@ def plot(rows, metric, path):
               'uniform QAT': ('tab:blue', 'o'),
               'uniform QAT, 8-bit activations': ('tab:cyan', 'D'),
               'uniform PTQ': ('tab:gray', 'x'),
-              'learned uniform': ('tab:green', 's')}
+              'learned uniform': ('tab:green', 's'),
+              'retrained at learned widths': ('tab:brown', 'v')}
     hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
     refs = [r['test'] for r in rows if r['kind'].startswith('float')]
     zoom = ((min(refs) - 0.04, max(refs) + 0.012) if metric == 'iou'
@@ -304,6 +340,9 @@ def main():
                    'e.g. float uniform_w4a8 learned_per_layer_size_0.97)')
     p.add_argument('--extra', default='', metavar='ARGS',
                    help='options added to every quantized run, e.g. "--weight-clip mse"')
+    p.add_argument('--retrain-learned', action='store_true',
+                   help='add, for each learned per-layer point, QAT from the float model at '
+                   'the widths it learned (retrained_<name>; same budget as the uniform runs)')
     p.add_argument('--lambdas', type=float, nargs='+', default=[0.9, 0.97, 0.99, 0.997])
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--max-train', type=int, default=800)

@@ -107,6 +107,66 @@ def restore_layer_bits(model: nn.Module, layer_bits: dict) -> nn.Module:
     return model
 
 
+def read_layer_bits(path) -> dict:
+    """
+    Read per-layer widths from a JSON file or a checkpoint's metadata.
+
+    A JSON file holds ``{"weights": {layer: bits}, "activations": {layer: bits}}`` (either
+    entry may be missing); a checkpoint (``.safetensors``, or its ``.json`` metadata) must carry
+    them as ``quantization.layer_bits`` (a ``--learn-bits`` run, or one trained at fixed
+    widths).
+    """
+    import json
+    from pathlib import Path
+    path = Path(path)
+    source = path.with_suffix('.json') if path.suffix == '.safetensors' else path
+    if not source.is_file():
+        raise ValueError(f'layer bits: no file {source}')
+    try:
+        data = json.loads(source.read_text())
+    except (OSError, UnicodeDecodeError, json.JSONDecodeError) as exc:
+        raise ValueError(f'layer bits: {source} is not readable JSON: {exc}') from exc
+    widths = data
+    if isinstance(data, dict) and ('quantization' in data or 'format' in data):
+        widths = (data.get('quantization') or {}).get('layer_bits')
+        if not widths:
+            raise ValueError(f'layer bits: checkpoint {path} has no quantization.layer_bits '
+                             'in its metadata (not a learned-width run)')
+    if not isinstance(widths, dict) or not set(widths) <= {'weights', 'activations'} \
+            or not all(isinstance(v, dict) for v in widths.values()):
+        raise ValueError(f'layer bits: {path} must hold {{"weights": {{layer: bits}}, '
+                         f'"activations": {{layer: bits}}}}')
+    for kind, layers in widths.items():
+        for name, bits in layers.items():
+            if not isinstance(bits, int) or isinstance(bits, bool) \
+                    or not MIN_BITS <= bits <= MAX_BITS:
+                raise ValueError(f'layer bits: {path}: {kind} {name!r} = {bits!r}, not an '
+                                 f'integer in {MIN_BITS}..{MAX_BITS}')
+    return {'weights': dict(widths.get('weights', {})),
+            'activations': dict(widths.get('activations', {}))}
+
+
+def apply_layer_bits(model: nn.Module, layer_bits: dict) -> dict:
+    """
+    Give a fake-quantized model fixed per-layer widths (QAT at widths found by a learned run).
+
+    Every named layer must be a QConv2d (weights) or an ActQuant (activations) of the model;
+    layers not named keep their width. Calibrated activation ranges are kept (``set_bits``), so
+    this works before or after calibration. Returns the model's widths afterwards.
+    """
+    modules = dict(model.named_modules())
+    for kind, cls in (('weights', QConv2d), ('activations', ActQuant)):
+        unknown = [n for n in layer_bits.get(kind, {})
+                   if not isinstance(modules.get(n), cls)]
+        if unknown:
+            raise ValueError(f'layer bits: {kind} layers {unknown[:5]} are not '
+                             f'{cls.__name__}s of this model')
+    for kind in ('weights', 'activations'):
+        for name, bits in layer_bits.get(kind, {}).items():
+            set_bits(modules[name], bits)
+    return quant_summary(model)
+
+
 # ---------------------------------------------------------------- tracing
 
 

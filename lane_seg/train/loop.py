@@ -400,9 +400,17 @@ class _Run:
             model, init_meta = checkpoint.load_model(cfg.init, task=task.task)
             self.meta = inherit_metadata(self.meta, init_meta)
             quantize = cfg.quant_bits and not init_meta['architecture'].get('quant')
+            if cfg.layer_bits and not quantize:
+                raise ValueError('--layer-bits needs --quant-bits and a float --init '
+                                 f'({cfg.init} is already quantized)' if cfg.quant_bits else
+                                 '--layer-bits needs --quant-bits (the width of the layers '
+                                 'the file does not name)')
             if quantize:
                 from ..models.quant import QuantConfig, quantize_model
                 quantize_model(model, QuantConfig(**self.meta['architecture']['quant']))
+                if cfg.layer_bits:   # before calibration: ranges are found at these widths
+                    from ..models.bitwidth import apply_layer_bits, read_layer_bits
+                    widths = apply_layer_bits(model, read_layer_bits(cfg.layer_bits))
             self.model = model.to(env.device)
             if quantize:
                 example = torch.zeros(1, *self.meta['inputs'][0]['shape'][1:],
@@ -410,13 +418,29 @@ class _Run:
                 calibrate_synced(self.model, task.calibration(self.train_set, self.meta, cfg,
                                                               self.rng),
                                  cfg.calib_batches, env, example)
+                if cfg.layer_bits:
+                    self._record_layer_bits(widths)
             if env.is_main:
                 self.metrics = task.evaluate(self.model, self.val_set, self.meta, cfg)
                 self.log(f'start: {self.metrics}')
                 self.history.append({'epoch': 0, **self.metrics})
         else:
+            if cfg.layer_bits:
+                raise ValueError('--layer-bits needs a float --init to quantize (with '
+                                 '--quant-bits)')
             self.model = checkpoint.build_model(self.meta['architecture']).to(env.device)
         return None
+
+    def _record_layer_bits(self, widths: dict):
+        """Write fixed per-layer widths and their hardware cost into the run's metadata."""
+        from ..models.bitwidth import hardware_cost
+        quant = dict(self.meta['quantization'])
+        quant.update(scheme='fixed-layer-bits', layer_bits=widths,
+                     layer_bits_from=str(self.cfg.layer_bits))
+        quant.update(hardware_cost(self.model, [1] + list(self.meta['inputs'][0]['shape'][1:])))
+        self.meta['quantization'] = quant
+        self.log(f'fixed layer widths from {self.cfg.layer_bits}: '
+                 f'{quant["model_size_bits"] / 8192:.0f} KiB of weights')
 
     def _build_optimizer(self, saved):
         import torch

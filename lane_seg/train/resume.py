@@ -28,7 +28,7 @@ LAST, PREV, NEXT = 'last', 'prev', '.next'
 # Settings that must not change across a resume (the step plan and the optimisation use them).
 RESUME_KEYS = ('seed', 'batch', 'epochs', 'lr', 'weight_decay', 'crop', 'input_size',
                'dice_weight', 'quant_bits', 'act_bits', 'quant_scheme', 'unsigned_relu',
-               'weight_clip', 'act_clip', 'first_layer_bits')
+               'weight_clip', 'act_clip', 'first_layer_bits', 'layer_bits')
 
 
 def capture_rng(np_rng) -> dict:

@@ -45,6 +45,7 @@ class RunConfig:
     act_clip: str = 'max'        # 'max' or 'mse' calibrated activation ranges
     first_layer_bits: int = 0    # input and first conv weights at this width (0: same)
     learn_bits: str = ''         # '', 'uniform' or 'per_layer' (issue #8)
+    layer_bits: str = ''         # fixed per-layer widths: JSON file or learned checkpoint
     bits_hardware: str = 'size'  # 'sum_bits', 'size' or 'bitops'
     bits_lambda: float = 0.97
     bits_alpha: float = 4.0
@@ -334,6 +335,11 @@ def add_common_arguments(p: argparse.ArgumentParser, d):
                         '0: the same as --quant-bits); the usual 8 for 4-bit studies')
     p.add_argument('--learn-bits', choices=['', 'uniform', 'per_layer'], default='',
                    help='learn bit widths (2..8) with a hardware loss (needs --quant-bits)')
+    p.add_argument('--layer-bits', default='', metavar='FILE',
+                   help='train (QAT) at fixed per-layer widths (2..8; needs --quant-bits and a '
+                        'float --init): a JSON file {"weights": {layer: bits}, "activations": '
+                        '{layer: bits}} or a --learn-bits checkpoint (retrain at its learned '
+                        'widths); layers not named keep --quant-bits')
     p.add_argument('--bits-hardware', choices=['sum_bits', 'size', 'bitops'], default='size')
     p.add_argument('--bits-lambda', type=float, default=d.bits_lambda)
     p.add_argument('--bits-alpha', type=float, default=d.bits_alpha)
@@ -354,6 +360,7 @@ def common_config(args) -> dict:
         act_bits=args.act_bits, quant_scheme=args.quant_scheme,
         unsigned_relu=args.unsigned_relu, weight_clip=args.weight_clip, act_clip=args.act_clip,
         first_layer_bits=args.first_layer_bits, learn_bits=args.learn_bits,
+        layer_bits=args.layer_bits,
         bits_hardware=args.bits_hardware, bits_lambda=args.bits_lambda,
         bits_alpha=args.bits_alpha, bits_lr=args.bits_lr, bits_every=args.bits_every,
         bits_optimizer=args.bits_optimizer,
