@@ -91,9 +91,13 @@ def subscribe(args):
 
     node.create_subscription(Image, TOPIC, on_msg if args.typed else on_raw, qos,
                              raw=not args.typed)
+    # One executor for the whole run, as the nodes spin: rclpy.spin_once(node) would add the
+    # node to the global executor and rebuild its wait set on every call.
+    executor = rclpy.executors.SingleThreadedExecutor()
+    executor.add_node(node)
     deadline = time.monotonic() + 30 + args.count / args.rate
     while len(latencies) < args.count + 10 and time.monotonic() < deadline:
-        rclpy.spin_once(node, timeout_sec=0.1)
+        executor.spin_once(timeout_sec=0.1)
     print(json.dumps(latencies[10:]))
     node.destroy_node()
     rclpy.try_shutdown()
