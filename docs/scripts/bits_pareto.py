@@ -31,6 +31,8 @@ import sys
 
 BIN = Path(sys.executable).parent
 METRIC = {'seg': 'iou', 'flow': 'epe'}
+# settings that may differ between the calls whose points share one results.json
+MERGE_FREE = ('only', 'retrain_learned', 'widths_from')
 
 
 def sweep(a):
@@ -78,13 +80,15 @@ def widths_file(a, source, runs_dir):
     """
     Return a file holding the widths learned run ``source`` found.
 
-    Its checkpoint when present, else its ``layer_bits`` in ``--out/results.json`` (the run
-    folders are not kept in git), copied to ``runs/SOURCE.layer_bits.json``.
+    Its checkpoint when present, else its ``layer_bits`` in ``results.json`` (the run folders
+    are not kept in git), copied to ``runs/SOURCE.layer_bits.json``; both are looked up in
+    ``--widths-from`` (another sweep: another seed's widths), by default ``--out``.
     """
-    ckpt = runs_dir / source / f'{source}.safetensors'
+    where = Path(a.widths_from or a.out)
+    ckpt = where / 'runs' / source / f'{source}.safetensors'
     if ckpt.exists():
         return ckpt
-    saved = Path(a.out) / 'results.json'
+    saved = where / 'results.json'
     rows = json.loads(saved.read_text())['rows'] if saved.exists() else []
     widths = next((r['layer_bits'] for r in rows if r['name'] == source), None)
     if not widths:
@@ -98,11 +102,16 @@ def widths_file(a, source, runs_dir):
 def train(a, name, extra, runs_dir):
     out = runs_dir / name
     ckpt = out / f'{name}.safetensors'
-    if ckpt.exists():
-        return ckpt
     if extra and '--layer-bits' in extra:   # the learned run's name -> its widths
         i = extra.index('--layer-bits') + 1
         extra = extra[:i] + [str(widths_file(a, extra[i], runs_dir))] + extra[i + 1:]
+        if ckpt.exists():   # a run kept from an earlier call must have these widths
+            from lane_seg.models.bitwidth import read_layer_bits
+            if read_layer_bits(ckpt) != read_layer_bits(extra[i]):
+                raise SystemExit(f'{ckpt} was trained at other widths than {extra[i]} '
+                                 f'(another --widths-from?): remove it or use another --out')
+    if ckpt.exists():
+        return ckpt
     cmd = [str(BIN / 'lane-seg'), 'train', a.task, '--init', a.float, '--out', str(out),
            '--max-val', str(a.max_val), '--data', a.data, '--val', a.val,
            '--crop', *map(str, a.crop)]
@@ -162,6 +171,8 @@ def run(a):
         ckpt = train(a, name, extra, runs_dir)
         cost, meta, quant = hardware(ckpt)
         result = evaluate(a, ckpt)
+        if desc['kind'] == 'retrained at learned widths':
+            desc = dict(desc, widths_from=str(a.widths_from or a.out))
         row = dict(desc, name=name, **cost,
                    val=meta['metrics']['val'][metric],
                    test=result[metric],
@@ -169,15 +180,22 @@ def run(a):
         row['mean_weight_bits'] = row['model_size_bits'] / row['weight_params']
         rows.append(row)
         print(json.dumps({k: v for k, v in row.items() if k != 'layer_bits'}), flush=True)
-    saved = out / 'results.json'
-    if a.only and saved.exists():   # keep the points this call did not run
-        new = {r['name']: r for r in rows}
-        old = json.loads(saved.read_text())['rows']
-        rows = [new.pop(r['name'], r) for r in old] + list(new.values())
     settings = {k: getattr(a, k) for k in ('task', 'float', 'test', 'epochs', 'max_train',
                                            'lr', 'max_val', 'bits_every', 'bits_optimizer',
                                            'bits_lr', 'alpha', 'limit', 'data', 'val',
-                                           'crop', 'extra', 'only', 'seed', 'retrain_learned')}
+                                           'crop', 'extra', 'only', 'seed', 'retrain_learned',
+                                           'widths_from')}
+    saved = out / 'results.json'
+    if a.only and saved.exists():   # keep the points this call did not run
+        before = json.loads(saved.read_text())
+        differ = [k for k, v in before['settings'].items()
+                  if k not in MERGE_FREE and k in settings and settings[k] != v]
+        if differ:
+            raise SystemExit(f'{saved} holds a sweep run with other settings '
+                             f'({", ".join(differ)}): use another --out')
+        new = {r['name']: r for r in rows}
+        rows = [new.pop(r['name'], r) for r in before['rows']] + list(new.values())
+        settings['only'] = [r['name'] for r in rows]
     (out / 'results.json').write_text(json.dumps({'metric': metric, 'settings': settings,
                                                   'rows': rows}, indent=1) + '\n')
     report(out)
@@ -343,6 +361,9 @@ def main():
     p.add_argument('--retrain-learned', action='store_true',
                    help='add, for each learned per-layer point, QAT from the float model at '
                    'the widths it learned (retrained_<name>; same budget as the uniform runs)')
+    p.add_argument('--widths-from', metavar='OUT',
+                   help='--retrain-learned takes the widths of the learned runs of this sweep '
+                   '(another seed, say) instead of those of --out')
     p.add_argument('--lambdas', type=float, nargs='+', default=[0.9, 0.97, 0.99, 0.997])
     p.add_argument('--epochs', type=int, default=2)
     p.add_argument('--max-train', type=int, default=800)

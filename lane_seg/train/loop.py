@@ -401,10 +401,13 @@ class _Run:
             self.meta = inherit_metadata(self.meta, init_meta)
             quantize = cfg.quant_bits and not init_meta['architecture'].get('quant')
             if cfg.layer_bits and not quantize:
-                raise ValueError('--layer-bits needs --quant-bits and a float --init '
-                                 f'({cfg.init} is already quantized)' if cfg.quant_bits else
+                raise ValueError(f'--layer-bits needs a float --init ({cfg.init} is already '
+                                 'quantized)' if cfg.quant_bits else
                                  '--layer-bits needs --quant-bits (the width of the layers '
                                  'the file does not name)')
+            if cfg.layer_bits and cfg.learn_bits:
+                raise ValueError('--layer-bits fixes the widths, --learn-bits learns them: '
+                                 'use one of the two')
             if quantize:
                 from ..models.quant import QuantConfig, quantize_model
                 quantize_model(model, QuantConfig(**self.meta['architecture']['quant']))
@@ -426,8 +429,8 @@ class _Run:
                 self.history.append({'epoch': 0, **self.metrics})
         else:
             if cfg.layer_bits:
-                raise ValueError('--layer-bits needs a float --init to quantize (with '
-                                 '--quant-bits)')
+                raise ValueError('--layer-bits needs --init: the float model to quantize at '
+                                 'those widths')
             self.model = checkpoint.build_model(self.meta['architecture']).to(env.device)
         return None
 
