@@ -1,0 +1,45 @@
+"""docs/scripts/seed_pairs.py: paired differences over seeds and the line between two points."""
+
+import importlib.util
+import json
+from pathlib import Path
+
+import pytest
+
+SCRIPT = Path(__file__).resolve().parents[1] / 'docs' / 'scripts' / 'seed_pairs.py'
+
+
+@pytest.fixture(scope='module')
+def seed_pairs():
+    spec = importlib.util.spec_from_file_location('seed_pairs', SCRIPT)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module
+
+
+def _sweep(folder, seed, rows):
+    folder.mkdir(parents=True)
+    saved = {'metric': 'epe', 'settings': {'seed': seed},
+             'rows': [{'name': n, 'test': t, 'model_size_bits': kib * 8 * 1024}
+                      for n, (t, kib) in rows.items()]}
+    (folder / 'results.json').write_text(json.dumps(saved))
+
+
+def test_paired_differences_and_line(tmp_path, seed_pairs):
+    # seed 0 in one folder; seed 1 split over two folders (merged); seed 2 lacks the candidate
+    _sweep(tmp_path / 's0', 0, {'low': (3.0, 400), 'high': (2.0, 800), 'cand': (2.4, 500)})
+    _sweep(tmp_path / 's1', 1, {'low': (3.2, 400), 'high': (2.2, 800)})
+    _sweep(tmp_path / 's1b', 1, {'cand': (2.5, 600), 'high': (9.9, 800)})
+    _sweep(tmp_path / 's2', 2, {'low': (3.0, 400), 'high': (2.0, 800)})
+    by_seed = seed_pairs.load([tmp_path / f for f in ('s0', 's1', 's1b', 's2', 'missing')])
+    assert by_seed[1]['high']['test'] == 2.2     # the first folder with a row wins
+    entries = seed_pairs.compare(by_seed, 'cand', 'high', ('low', 'high'))
+    assert [e['seed'] for e in entries] == [0, 1]
+    assert entries[0]['diff'] == pytest.approx(0.4)
+    assert entries[0]['line'] == pytest.approx(2.75)      # a quarter of the way from 400 KiB
+    assert entries[0]['diff_line'] == pytest.approx(-0.35)
+    assert entries[1]['line'] == pytest.approx(2.7)       # half way, seed 1's own end points
+    assert entries[1]['diff_line'] == pytest.approx(-0.2)
+    mean, se = seed_pairs.summary([e['diff_line'] for e in entries])
+    assert mean == pytest.approx(-0.275)
+    assert se == pytest.approx(0.075)
