@@ -32,7 +32,7 @@ import sys
 BIN = Path(sys.executable).parent
 METRIC = {'seg': 'iou', 'flow': 'epe'}
 # settings that may differ between the calls whose points share one results.json
-MERGE_FREE = ('only', 'retrain_learned', 'widths_from')
+MERGE_FREE = ('only', 'retrain_learned', 'widths_from', 'set_widths')
 
 
 def sweep(a):
@@ -66,6 +66,12 @@ def sweep(a):
         for name, _, desc in [r for r in runs if r[2]['kind'] == 'learned per layer']:
             runs.append((f'retrained_{name}', ['--quant-bits', '8', '--layer-bits', name],
                          dict(desc, kind='retrained at learned widths', source=name)))
+    for spec in a.set_widths:   # controls: QAT from float at widths set by hand
+        label, _, path = spec.partition('=')
+        if not (label and path and Path(path).is_file()):
+            raise SystemExit(f'--set-widths {spec}: expected NAME=FILE with an existing FILE')
+        runs.append((f'set_{label}', ['--quant-bits', '8', '--layer-bits', path],
+                     {'kind': 'widths set by hand', 'label': label, 'source': path}))
     if a.only:
         known = {name for name, _, _ in runs}
         unknown = sorted(set(a.only) - known)
@@ -84,6 +90,8 @@ def widths_file(a, source, runs_dir):
     are not kept in git), copied to ``runs/SOURCE.layer_bits.json``; both are looked up in
     ``--widths-from`` (another sweep: another seed's widths), by default ``--out``.
     """
+    if Path(source).is_file():   # widths set by hand (--set-widths)
+        return Path(source)
     where = Path(a.widths_from or a.out)
     ckpt = where / 'runs' / source / f'{source}.safetensors'
     if ckpt.exists():
@@ -184,7 +192,7 @@ def run(a):
                                            'lr', 'max_val', 'bits_every', 'bits_optimizer',
                                            'bits_lr', 'alpha', 'limit', 'data', 'val',
                                            'crop', 'extra', 'only', 'seed', 'retrain_learned',
-                                           'widths_from')}
+                                           'widths_from', 'set_widths')}
     saved = out / 'results.json'
     if a.only and saved.exists():   # keep the points this call did not run
         before = json.loads(saved.read_text())
@@ -214,6 +222,8 @@ def _label(r):
         return f"uniform QAT W{r['bits']}A8"
     if r['kind'] == 'retrained at learned widths':
         return f"retrained at the widths of learned {r['hardware']} λ {r['lambda']}"
+    if r['kind'] == 'widths set by hand':
+        return f"widths set by hand: {r['label']}"
     return f"{r['kind']}, {r['hardware']}, λ {r['lambda']}"
 
 
@@ -295,7 +305,8 @@ def plot(rows, metric, path):
               'uniform QAT, 8-bit activations': ('tab:cyan', 'D'),
               'uniform PTQ': ('tab:gray', 'x'),
               'learned uniform': ('tab:green', 's'),
-              'retrained at learned widths': ('tab:brown', 'v')}
+              'retrained at learned widths': ('tab:brown', 'v'),
+              'widths set by hand': ('tab:olive', 'X')}
     hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
     refs = [r['test'] for r in rows if r['kind'].startswith('float')]
     zoom = ((min(refs) - 0.04, max(refs) + 0.012) if metric == 'iou'
@@ -361,6 +372,10 @@ def main():
     p.add_argument('--retrain-learned', action='store_true',
                    help='add, for each learned per-layer point, QAT from the float model at '
                    'the widths it learned (retrained_<name>; same budget as the uniform runs)')
+    p.add_argument('--set-widths', nargs='+', default=[], metavar='NAME=FILE',
+                   help='add QAT from the float model at the per-layer widths of FILE (JSON: '
+                   '{"weights": {layer: bits}, "activations": {quantizer: bits}}), as point '
+                   'set_NAME: hand-made controls for the learned widths')
     p.add_argument('--widths-from', metavar='OUT',
                    help='--retrain-learned takes the widths of the learned runs of this sweep '
                    '(another seed, say) instead of those of --out')
