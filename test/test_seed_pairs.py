@@ -43,3 +43,20 @@ def test_paired_differences_and_line(tmp_path, seed_pairs):
     mean, se = seed_pairs.summary([e['diff_line'] for e in entries])
     assert mean == pytest.approx(-0.275)
     assert se == pytest.approx(0.075)
+
+
+def test_means_over_seeds_and_plot(tmp_path, seed_pairs, capsys):
+    _sweep(tmp_path / 's0', 0, {'low': (3.0, 400), 'cand': (2.4, 500)})
+    _sweep(tmp_path / 's1', 1, {'low': (3.4, 400), 'cand': (2.6, 520)})   # other widths
+    _sweep(tmp_path / 's2', 2, {'low': (3.2, 400)})
+    points = seed_pairs.means(seed_pairs.load([tmp_path / 's0', tmp_path / 's1',
+                                               tmp_path / 's2']), ['low', 'cand'])
+    assert points[0][0] == 'low' and points[0][4] == 3
+    assert points[0][2] == pytest.approx(3.2) and points[0][3] == pytest.approx(0.2 / 3 ** 0.5)
+    assert points[1][1] == pytest.approx(510) and points[1][2] == pytest.approx(2.5)
+    err = capsys.readouterr().err
+    assert 'cand has sizes [500, 520]' in err and 'low' not in err
+    seed_pairs.plot(points, 'epe', tmp_path / 'knee.png')
+    assert (tmp_path / 'knee.png').stat().st_size > 10_000
+    assert seed_pairs.short('retrained_learned_per_layer_size_0.4') == 'λ 0.4'
+    assert seed_pairs.short('uniform_w3a8') == 'W3A8'

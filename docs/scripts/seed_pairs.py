@@ -23,6 +23,7 @@ import argparse
 import json
 from pathlib import Path
 import statistics
+import sys
 
 
 def load(folders):
@@ -69,6 +70,70 @@ def summary(values):
     return mean, se
 
 
+def means(by_seed, names):
+    """
+    Per point: (name, mean size in KiB, mean test metric, its standard error, seeds).
+
+    A point whose size differs between the seeds was trained at other widths in some of them
+    (another seed's learned widths): a warning names it. The first folder of ``--sweeps``
+    with a row wins, so list the folders whose widths are wanted first.
+    """
+    out = []
+    for name in names:
+        rows = [r[name] for r in by_seed.values() if name in r]
+        if not rows:
+            raise SystemExit(f'--points: no sweep has a row {name}')
+        mean, se = summary([r['test'] for r in rows]) if len(rows) > 1 else (rows[0]['test'], 0)
+        sizes = sorted({round(kib(r)) for r in rows})
+        if len(sizes) > 1:
+            print(f'warning: {name} has sizes {sizes} KiB over the seeds (other widths)',
+                  file=sys.stderr)
+        out.append((name, statistics.mean(kib(r) for r in rows), mean, se, len(rows)))
+    return out
+
+
+def short(name):
+    """Return a plot label: W3A8, λ 0.4 (retrained at its widths), or a hand-set point's."""
+    if name.startswith('uniform_'):
+        return name[len('uniform_'):].upper()
+    if name.startswith('set_'):
+        return name[len('set_'):]
+    parts = name.rsplit('_', 2)
+    if 'learned_per_layer' in name and len(parts) == 3:
+        return ('' if name.startswith('retrained_') else 'search ') + f'λ {parts[2]}'
+    return name
+
+
+def plot(points, metric, path):
+    """Draw the mean test metric of each point against its size, with one standard error."""
+    import matplotlib
+    matplotlib.use('Agg')
+    import matplotlib.pyplot as plt
+    fig, ax = plt.subplots(figsize=(7, 4.5), dpi=110)
+    uniform = sorted((p for p in points if p[0].startswith('uniform')), key=lambda p: p[1])
+    if uniform:
+        ax.plot([p[1] for p in uniform], [p[2] for p in uniform], color='tab:cyan', ls='--',
+                label='uniform front (straight lines)')
+    seen = set()
+    for i, (name, size, mean, se, n) in enumerate(sorted(points, key=lambda p: p[1])):
+        kind = ('uniform' if name.startswith('uniform') else
+                'widths set by hand' if name.startswith('set_') else
+                'retrained at learned widths' if name.startswith('retrained_') else 'other')
+        color = {'uniform': 'tab:cyan', 'widths set by hand': 'tab:olive',
+                 'retrained at learned widths': 'tab:brown'}.get(kind, 'tab:gray')
+        ax.errorbar(size, mean, yerr=se, marker='o', color=color, capsize=3,
+                    label=kind if kind not in seen else None)
+        seen.add(kind)
+        ax.annotate(f'{short(name)} [{n}]', (size, mean), fontsize=7,
+                    xytext=(5, 4 if i % 2 else -10), textcoords='offset points')
+    ax.set_xlabel('model size (KiB, weights only)')
+    ax.set_ylabel(f'test {metric.upper()}, mean over [seeds] ± SE')
+    ax.grid(alpha=0.3)
+    ax.legend(fontsize=8)
+    fig.tight_layout()
+    fig.savefig(path)
+
+
 def main():
     p = argparse.ArgumentParser(description=__doc__.splitlines()[1])
     p.add_argument('--sweeps', nargs='+', required=True, help='bits_pareto.py --out folders')
@@ -76,8 +141,25 @@ def main():
     p.add_argument('--against', required=True, help='reference point, e.g. uniform_w3a8')
     p.add_argument('--line', nargs=2, metavar=('LOW', 'HIGH'),
                    help='also compare with the line between these points at the size of --row')
+    p.add_argument('--points', nargs='+', metavar='NAME',
+                   help='print (and with --plot, draw) the mean over seeds of these points')
+    p.add_argument('--plot', metavar='PNG', help='figure of --points: mean ± SE against size')
     a = p.parse_args()
-    entries = compare(load(a.sweeps), a.row, a.against, a.line)
+    by_seed = load(a.sweeps)
+    if a.points:
+        points = means(by_seed, a.points)
+        print('| point | size (KiB) | test mean | SE | seeds |\n|---|---|---|---|---|')
+        for name, size, mean, se, n in points:
+            print(f'| {name} | {size:.0f} | {mean:.4f} | {se:.4f} | {n} |')
+        print()
+        if a.plot:
+            metric = 'epe'
+            for folder in a.sweeps:
+                if (Path(folder) / 'results.json').exists():
+                    metric = json.loads((Path(folder) / 'results.json').read_text())['metric']
+                    break
+            plot(points, metric, a.plot)
+    entries = compare(by_seed, a.row, a.against, a.line)
     if not entries:
         raise SystemExit(f'no seed has all of {a.row}, {a.against}'
                          + (f', {a.line[0]}, {a.line[1]}' if a.line else ''))
