@@ -127,7 +127,7 @@ def _add_eval(verbs):
         p = tasks.add_parser(task)
         p.add_argument('--model', default=None,
                        help='a model path (ONNX or checkpoint) or a shipped name: int8, fp32, '
-                       'mixed (learned per-layer widths; lanes) (default: the shipped int8 '
+                       'mixed (learned per-layer widths) (default: the shipped int8 '
                        'model)')
         if task == 'flow':
             p.add_argument('--method', choices=OPENCV_METHODS, default=None,

@@ -74,7 +74,7 @@ def shipped_model(task: str, precision: str = 'int8', backend: str = 'onnxruntim
     Path of a shipped model (``models/`` in the share directory).
 
     ``task``: 'lanes' or 'flow' (or the metadata task names); ``precision``: 'int8',
-    'fp32' or 'mixed' (learned per-layer widths, shipped for the lane model). Raises
+    'fp32' or 'mixed' (learned per-layer widths in int8 containers, both tasks). Raises
     ResourceError naming every place looked in when the file is missing.
     """
     name = model_filename(task, precision, backend)

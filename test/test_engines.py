@@ -348,6 +348,7 @@ def test_shipped_models_resolve_per_backend_and_missing_ones_say_where(
     assert resources.shipped_model('lane_segmentation', 'fp32').name == 'lane_unet_fp32.onnx'
     assert resources.model_filename('flow', 'int8') == 'flow_int8_ort.onnx'
     assert resources.model_filename('lanes', 'mixed') == 'lane_unet_mixed_int8_ort.onnx'
+    assert resources.model_filename('flow', 'mixed') == 'flow_mixed_int8_ort.onnx'
     assert resources.model_filename('lanes', 'mixed', 'tensorrt') == \
         'lane_unet_mixed_int8_qdq.onnx'
     with pytest.raises(resources.ResourceError, match='lane_unet_mixed_int8_ort.onnx'):

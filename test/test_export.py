@@ -7,6 +7,7 @@ one tiny FlowNetS are exported once per module as fp32, int8 QDQ and int8 ORT fi
 
 import copy
 import json
+from pathlib import Path
 from types import SimpleNamespace
 
 from helpers import FLOW, TINY, tiny_cache
@@ -395,3 +396,13 @@ def test_flow_parity(exported, which):
         assert out.shape == ref.shape == (4, 2, 16, 32)
         steps = np.abs(out - ref) / step
         assert np.mean(steps <= 1.0) >= 0.99
+
+
+def test_shipped_qdq_models_follow_tensorrt_rules():
+    """Every QDQ model in models/ (what the TensorRT backend builds from) passes the checks."""
+    shipped = sorted((Path(__file__).resolve().parents[1] / 'models').glob('*_qdq.onnx'))
+    names = {p.name for p in shipped}
+    assert {'lane_unet_int8_qdq.onnx', 'lane_unet_mixed_int8_qdq.onnx', 'flow_int8_qdq.onnx',
+            'flow_mixed_int8_qdq.onnx'} <= names
+    for path in shipped:
+        assert check_tensorrt_qdq(path) == [], path.name

@@ -12,10 +12,10 @@ if [ ! -f "$TEST/camera.yaml" ]; then
   done
 fi
 mkdir -p docs/eval
-for m in int8 fp32 mixed; do   # mixed: learned per-layer widths (lanes only)
+for m in int8 fp32 mixed; do   # mixed: learned per-layer widths in int8 containers
   $BIN/lane-seg eval seg --model $m --data "$TEST" --backend onnxruntime --json > docs/eval/seg_$m.json
 done
-for m in int8 fp32; do
+for m in int8 fp32 mixed; do
   $BIN/lane-seg eval flow --model $m --data "$TEST" --backend onnxruntime --json > docs/eval/flow_$m.json
 done
 for method in dis-ultrafast dis-fast dis-medium farneback; do

@@ -140,3 +140,19 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quan
   --bits-lr 0.15 --bits-every 2 --weight-clip mse --epochs 2 --lr 3e-4 --crop 256 512 \
   --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --max-val 48 \
   --out $RUNS/flow_full12_lb97
+# 2026-12-06: flow with learned per-layer widths (issue 8, docs/learned_bits.md "the knee"):
+# a 192-step search with the size loss at λ 0.4 (seed 0) gives the widths (556 KiB, 2.42-bit
+# weights on average); QAT from the float model at those widths, seed 2 (the best validation
+# EPE of seeds 0-4), shipped as int8 containers (`--model mixed`).
+FLOW_BITS="--crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
+  --val cache:$CACHE/val800 --max-val 48 --epochs 2 --max-train 0 --lr 3e-4 --quant-bits 8 \
+  --weight-clip mse"
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $FLOW_BITS \
+  --learn-bits per_layer --bits-hardware size --bits-lambda 0.4 --bits-every 2 \
+  --bits-optimizer adam --bits-lr 0.15 --bits-alpha 4 --seed 0 --out $RUNS/flow_learned_0.4
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $FLOW_BITS \
+  --layer-bits $RUNS/flow_learned_0.4/flow_learned_0.4.safetensors --seed 2 \
+  --out $RUNS/flow_mixed_0.4
+$BIN/lane-seg export flow --float $RUNS/flow_full12/flow_full12.safetensors \
+  --int8 $RUNS/flow_mixed_0.4/flow_mixed_0.4.safetensors --out $RUNS/flow_mixed --name flow_mixed
+cp $RUNS/flow_mixed/flow_mixed_int8_{qdq,ort}.{onnx,json} models/
