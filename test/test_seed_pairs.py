@@ -60,3 +60,21 @@ def test_means_over_seeds_and_plot(tmp_path, seed_pairs, capsys):
     assert (tmp_path / 'knee.png').stat().st_size > 10_000
     assert seed_pairs.short('retrained_learned_per_layer_size_0.4') == 'λ 0.4'
     assert seed_pairs.short('uniform_w3a8') == 'W3A8'
+
+
+def test_warnings_and_errors(tmp_path, seed_pairs, capsys):
+    rows = {'low': (3.0, 400), 'high': (2.0, 800), 'big': (1.9, 900), 'twin': (2.5, 400)}
+    _sweep(tmp_path / 's0', 0, rows)
+    _sweep(tmp_path / 's1', 1, {'low': (3.0, 400), 'high': (2.0, 800), 'big': (1.8, 950)})
+    by_seed = seed_pairs.load([tmp_path / 's0', tmp_path / 's1'])
+    entries = seed_pairs.compare(by_seed, 'big', 'high', ('low', 'high'))
+    assert entries[0]['line'] == pytest.approx(1.75)          # extrapolated past 800 KiB
+    err = capsys.readouterr().err
+    assert 'big has sizes [900, 950]' in err and 'extrapolated' in err
+    with pytest.raises(SystemExit, match='same size'):
+        seed_pairs.compare(by_seed, 'big', 'high', ('low', 'twin'))
+    (point,) = seed_pairs.means(by_seed, ['twin'])             # one seed: no standard error
+    assert point[2] == 2.5 and point[4] == 1 and point[3] != point[3]
+    seed_pairs.plot([point], 'epe', tmp_path / 'one.png')
+    with pytest.raises(SystemExit, match='no sweep has a row nothing'):
+        seed_pairs.means(by_seed, ['nothing'])

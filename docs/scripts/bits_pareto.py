@@ -66,10 +66,13 @@ def sweep(a):
         for name, _, desc in [r for r in runs if r[2]['kind'] == 'learned per layer']:
             runs.append((f'retrained_{name}', ['--quant-bits', '8', '--layer-bits', name],
                          dict(desc, kind='retrained at learned widths', source=name)))
+    labels = set()
     for spec in a.set_widths:   # controls: QAT from float at widths set by hand
         label, _, path = spec.partition('=')
-        if not (label and path and Path(path).is_file()):
-            raise SystemExit(f'--set-widths {spec}: expected NAME=FILE with an existing FILE')
+        if not (label and path and Path(path).is_file()) or '/' in label or label in labels:
+            raise SystemExit(f'--set-widths {spec}: expected NAME=FILE with an existing FILE '
+                             'and a NAME that is unique and has no "/"')
+        labels.add(label)
         runs.append((f'set_{label}', ['--quant-bits', '8', '--layer-bits', path],
                      {'kind': 'widths set by hand', 'label': label, 'source': path}))
     if a.only:

@@ -15,12 +15,15 @@ Example (the flow knee in docs/learned_bits.md)::
 
     python docs/scripts/seed_pairs.py --row retrained_learned_per_layer_size_0.6 \
         --against uniform_w3a8 --line uniform_w2a8 uniform_w3a8 \
-        --sweeps docs/studies/flow_pareto_long docs/studies/flow_pareto_long_seed* \
-                 docs/studies/flow_widths_seed0/seed*
+        --sweeps docs/studies/flow_pareto_long docs/studies/flow_widths_seed0/seed* \
+                 docs/studies/flow_pareto_long_seed*
+
+(the folders holding the seed-0 widths first: the first folder of a seed with a row wins).
 """
 
 import argparse
 import json
+import math
 from pathlib import Path
 import statistics
 import sys
@@ -47,6 +50,7 @@ def kib(row):
 def compare(by_seed, name, against, line=None):
     """Per-seed rows (seed, size, test, reference, difference, line value, difference)."""
     out = []
+    _check_sizes(by_seed, [name])
     for seed in sorted(by_seed):
         rows = by_seed[seed]
         need = [name, against] + list(line or [])
@@ -57,14 +61,28 @@ def compare(by_seed, name, against, line=None):
                  'diff': row['test'] - ref['test']}
         if line:
             low, high = rows[line[0]], rows[line[1]]
+            if kib(high) == kib(low):
+                raise SystemExit(f'--line: {line[0]} and {line[1]} have the same size')
             t = (kib(row) - kib(low)) / (kib(high) - kib(low))
+            if not 0 <= t <= 1:
+                print(f'warning: seed {seed}: {name} lies outside {line[0]}..{line[1]}, '
+                      'the line is extrapolated', file=sys.stderr)
             entry['line'] = low['test'] + t * (high['test'] - low['test'])
             entry['diff_line'] = row['test'] - entry['line']
         out.append(entry)
     return out
 
 
+def _check_sizes(by_seed, names):
+    for name in names:
+        sizes = sorted({round(kib(r[name])) for r in by_seed.values() if name in r})
+        if len(sizes) > 1:
+            print(f'warning: {name} has sizes {sizes} KiB over the seeds (other widths)',
+                  file=sys.stderr)
+
+
 def summary(values):
+    """Return the mean and its standard error (NaN for one value)."""
     mean = statistics.mean(values)
     se = statistics.stdev(values) / len(values) ** 0.5 if len(values) > 1 else float('nan')
     return mean, se
@@ -83,11 +101,8 @@ def means(by_seed, names):
         rows = [r[name] for r in by_seed.values() if name in r]
         if not rows:
             raise SystemExit(f'--points: no sweep has a row {name}')
-        mean, se = summary([r['test'] for r in rows]) if len(rows) > 1 else (rows[0]['test'], 0)
-        sizes = sorted({round(kib(r)) for r in rows})
-        if len(sizes) > 1:
-            print(f'warning: {name} has sizes {sizes} KiB over the seeds (other widths)',
-                  file=sys.stderr)
+        mean, se = summary([r['test'] for r in rows])
+        _check_sizes(by_seed, [name])
         out.append((name, statistics.mean(kib(r) for r in rows), mean, se, len(rows)))
     return out
 
@@ -121,7 +136,8 @@ def plot(points, metric, path):
                 'retrained at learned widths' if name.startswith('retrained_') else 'other')
         color = {'uniform': 'tab:cyan', 'widths set by hand': 'tab:olive',
                  'retrained at learned widths': 'tab:brown'}.get(kind, 'tab:gray')
-        ax.errorbar(size, mean, yerr=se, marker='o', color=color, capsize=3,
+        ax.errorbar(size, mean, yerr=None if math.isnan(se) else se,   # one seed: no bar
+                    marker='o', color=color, capsize=3,
                     label=kind if kind not in seen else None)
         seen.add(kind)
         ax.annotate(f'{short(name)} [{n}]', (size, mean), fontsize=7,
