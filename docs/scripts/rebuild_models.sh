@@ -1,9 +1,9 @@
 #!/usr/bin/env bash
 # Rebuild the shipped models from scratch on a CPU machine, exactly as they were made
-# (2026-11-23 and 2026-12-05, AMD EPYC, 2 cores; about 3.5 hours of CPU with the default thread
-# counts). Run from the repository root after `make venv`. Training seeds: 100-211; validation:
-# 900-903;
-# the test set (docs/scripts/evaluate_shipped.sh) uses seeds 2000-2003.
+# (2026-11-23, 2026-12-05 and 2026-12-06, AMD EPYC, 2 cores; about 3.8 hours of CPU with the
+# default thread counts). Run from the repository root after `make venv`. Training seeds:
+# 100-211; validation: 900-903; the test set (docs/scripts/evaluate_shipped.sh) uses seeds
+# 2000-2003.
 set -euo pipefail
 # Until 2026-12-05 the trainers' default crop was 128x256; the runs below name it.
 BIN=.venv/bin
@@ -143,7 +143,9 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quan
 # 2026-12-06: flow with learned per-layer widths (issue 8, docs/learned_bits.md "the knee"):
 # a 192-step search with the size loss at λ 0.4 (seed 0) gives the widths (556 KiB, 2.42-bit
 # weights on average); QAT from the float model at those widths, seed 2 (the best validation
-# EPE of seeds 0-4), shipped as int8 containers (`--model mixed`).
+# EPE of seeds 0-4), shipped as int8 containers (`--model mixed`). On other hardware the search
+# may settle on other widths: to retrain at the shipped ones, give the second command
+# --layer-bits models/flow_mixed_int8_ort.json instead.
 FLOW_BITS="--crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
   --val cache:$CACHE/val800 --max-val 48 --epochs 2 --max-train 0 --lr 3e-4 --quant-bits 8 \
   --weight-clip mse"
