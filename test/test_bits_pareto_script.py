@@ -63,3 +63,22 @@ def test_widths_file_sources(tmp_path, bp):
         {'rows': [{'name': 'learned_per_layer_size_0.4', 'layer_bits': learned}]}))
     path = bp.widths_file(a, 'learned_per_layer_size_0.4', runs_dir)
     assert json.loads(path.read_text()) == learned            # from the sweep's results.json
+
+
+def test_report_without_a_float_point(tmp_path, bp):
+    """A sweep called with --only and no float point still gets its table and plot."""
+    widths = {'weights': {'head': 8, 'downs.0.0.0': 2}, 'activations': {'q_in': 8}}
+    rows = [{'kind': 'retrained at learned widths', 'hardware': 'size', 'lambda': 0.4,
+             'name': 'retrained_learned_per_layer_size_0.4', 'model_size_bits': 8 * 1024 * 550,
+             'bitops': 31e9, 'weight_params': 1000, 'mean_weight_bits': 2.4, 'val': 2.6,
+             'test': 2.01, 'layer_bits': widths},
+            {'kind': 'uniform QAT, 8-bit activations', 'bits': 3, 'name': 'uniform_w3a8',
+             'model_size_bits': 8 * 1024 * 690, 'bitops': 20e9, 'weight_params': 1000,
+             'mean_weight_bits': 3.0, 'val': 2.5, 'test': 2.13, 'layer_bits': None}]
+    (tmp_path / 'results.json').write_text(json.dumps({'metric': 'epe', 'rows': rows}))
+    bp.report(tmp_path)
+    table = (tmp_path / 'table.md').read_text().splitlines()
+    assert table[2].startswith('| retrained at the widths of learned size λ 0.4 | 2.40 | 8.00 | '
+                               '550 |  | 31 |')
+    assert table[2].endswith('| yes |') and table[3].endswith('|  |')   # W3A8: dominated
+    assert (tmp_path / 'pareto.png').stat().st_size > 10_000

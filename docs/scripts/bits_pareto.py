@@ -243,7 +243,7 @@ def report(out):
     out = Path(out)
     data = json.loads((out / 'results.json').read_text())
     rows, metric = data['rows'], data['metric']
-    float_row = next(r for r in rows if r['kind'] == 'float')
+    float_row = next((r for r in rows if r['kind'] == 'float'), None)   # --only without it
     lines = [f'| model | mean W bits | mean A bits | size (KiB) | size / float | '
              f'bit operations (G) | val {metric} | test {metric} | front |',
              '|---|---|---|---|---|---|---|---|---|']
@@ -257,7 +257,7 @@ def report(out):
         lines.append('| ' + ' | '.join([
             _label(r), f"{r['mean_weight_bits']:.2f}", f'{_act_mean(r):.2f}',
             f"{r['model_size_bits'] / 8 / 1024:.0f}",
-            f"1/{float_row['model_size_bits'] / r['model_size_bits']:.1f}",
+            f"1/{float_row['model_size_bits'] / r['model_size_bits']:.1f}" if float_row else '',
             f"{r['bitops'] / 1e9:.0f}", f"{r['val']:.4f}", f"{r['test']:.4f}",
             '' if dominated else 'yes']) + ' |')
     (out / 'table.md').write_text('\n'.join(lines) + '\n')
@@ -311,7 +311,8 @@ def plot(rows, metric, path):
               'retrained at learned widths': ('tab:brown', 'v'),
               'widths set by hand': ('tab:olive', 'X')}
     hw_colors = {'size': 'tab:red', 'bitops': 'tab:purple', 'sum_bits': 'tab:orange'}
-    refs = [r['test'] for r in rows if r['kind'].startswith('float')]
+    refs = ([r['test'] for r in rows if r['kind'].startswith('float')]
+            or [r['test'] for r in rows])   # no float point in this sweep: zoom on its own
     zoom = ((min(refs) - 0.04, max(refs) + 0.012) if metric == 'iou'
             else (min(refs) * 0.9, max(refs) * 1.45))
     for row, limits in ((0, None), (1, zoom)):
