@@ -78,3 +78,20 @@ def test_warnings_and_errors(tmp_path, seed_pairs, capsys):
     seed_pairs.plot([point], 'epe', tmp_path / 'one.png')
     with pytest.raises(SystemExit, match='no sweep has a row nothing'):
         seed_pairs.means(by_seed, ['nothing'])
+
+
+def test_line_on_the_bit_operation_axis(tmp_path, seed_pairs):
+    rows = {'low': (3.0, 400), 'high': (2.0, 800), 'cand': (2.2, 500)}
+    _sweep(tmp_path / 's0', 0, rows)
+    saved = json.loads((tmp_path / 's0' / 'results.json').read_text())
+    for row, gops in zip(saved['rows'], (10, 20, 18)):   # the candidate is cheap in size only
+        row['bitops'] = gops * 1e9
+    (tmp_path / 's0' / 'results.json').write_text(json.dumps(saved))
+    by_seed = seed_pairs.load([tmp_path / 's0'])
+    (size,) = seed_pairs.compare(by_seed, 'cand', 'high', ('low', 'high'))
+    (ops,) = seed_pairs.compare(by_seed, 'cand', 'high', ('low', 'high'), axis='bitops')
+    assert size['line'] == pytest.approx(2.75) and size['x'] == pytest.approx(500)
+    assert ops['line'] == pytest.approx(2.2) and ops['x'] == pytest.approx(18)
+    assert ops['diff_line'] == pytest.approx(0)
+    (point,) = seed_pairs.means(by_seed, ['cand'], axis='bitops')
+    assert point[1] == pytest.approx(18)

@@ -43,11 +43,20 @@ def load(folders):
     return by_seed
 
 
+AXES = {'size': ('size (KiB)', 'model size (KiB, weights only)'),
+        'bitops': ('bit ops (G)', 'bit operations per frame (G)')}
+
+
+def position(row, axis='size'):
+    """Return where a row lies on the x axis: KiB of weights, or G bit operations."""
+    return kib(row) if axis == 'size' else row['bitops'] / 1e9
+
+
 def kib(row):
     return row['model_size_bits'] / 8 / 1024
 
 
-def compare(by_seed, name, against, line=None):
+def compare(by_seed, name, against, line=None, axis='size'):
     """Per-seed rows (seed, size, test, reference, difference, line value, difference)."""
     out = []
     _check_sizes(by_seed, [name])
@@ -57,13 +66,15 @@ def compare(by_seed, name, against, line=None):
         if any(n not in rows for n in need):
             continue
         row, ref = rows[name], rows[against]
-        entry = {'seed': seed, 'size_kib': kib(row), 'test': row['test'], 'against': ref['test'],
+        entry = {'seed': seed, 'x': position(row, axis), 'test': row['test'],
+                 'against': ref['test'],
                  'diff': row['test'] - ref['test']}
         if line:
             low, high = rows[line[0]], rows[line[1]]
-            if kib(high) == kib(low):
-                raise SystemExit(f'--line: {line[0]} and {line[1]} have the same size')
-            t = (kib(row) - kib(low)) / (kib(high) - kib(low))
+            x_low, x_high = position(low, axis), position(high, axis)
+            if x_high == x_low:
+                raise SystemExit(f'--line: {line[0]} and {line[1]} lie at the same {axis}')
+            t = (position(row, axis) - x_low) / (x_high - x_low)
             if not 0 <= t <= 1:
                 print(f'warning: seed {seed}: {name} lies outside {line[0]}..{line[1]}, '
                       'the line is extrapolated', file=sys.stderr)
@@ -88,7 +99,7 @@ def summary(values):
     return mean, se
 
 
-def means(by_seed, names):
+def means(by_seed, names, axis='size'):
     """
     Per point: (name, mean size in KiB, mean test metric, its standard error, seeds).
 
@@ -103,7 +114,8 @@ def means(by_seed, names):
             raise SystemExit(f'--points: no sweep has a row {name}')
         mean, se = summary([r['test'] for r in rows])
         _check_sizes(by_seed, [name])
-        out.append((name, statistics.mean(kib(r) for r in rows), mean, se, len(rows)))
+        out.append((name, statistics.mean(position(r, axis) for r in rows), mean, se,
+                    len(rows)))
     return out
 
 
@@ -119,7 +131,7 @@ def short(name):
     return name
 
 
-def plot(points, metric, path):
+def plot(points, metric, path, axis='size'):
     """Draw the mean test metric of each point against its size, with one standard error."""
     import matplotlib
     matplotlib.use('Agg')
@@ -142,7 +154,7 @@ def plot(points, metric, path):
         seen.add(kind)
         ax.annotate(f'{short(name)} [{n}]', (size, mean), fontsize=7,
                     xytext=(5, 4 if i % 2 else -10), textcoords='offset points')
-    ax.set_xlabel('model size (KiB, weights only)')
+    ax.set_xlabel(AXES[axis][1])
     ax.set_ylabel(f'test {metric.upper()}, mean over [seeds] ± SE')
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8)
@@ -156,17 +168,20 @@ def main():
     p.add_argument('--row', required=True, help='candidate point, e.g. retrained_learned_...')
     p.add_argument('--against', required=True, help='reference point, e.g. uniform_w3a8')
     p.add_argument('--line', nargs=2, metavar=('LOW', 'HIGH'),
-                   help='also compare with the line between these points at the size of --row')
+                   help='also compare with the line between these points at the --axis '
+                   'position of --row')
+    p.add_argument('--axis', choices=sorted(AXES), default='size',
+                   help='x axis of the line and the figure: model size or bit operations')
     p.add_argument('--points', nargs='+', metavar='NAME',
                    help='print (and with --plot, draw) the mean over seeds of these points')
     p.add_argument('--plot', metavar='PNG', help='figure of --points: mean ± SE against size')
     a = p.parse_args()
     by_seed = load(a.sweeps)
     if a.points:
-        points = means(by_seed, a.points)
-        print('| point | size (KiB) | test mean | SE | seeds |\n|---|---|---|---|---|')
+        points = means(by_seed, a.points, a.axis)
+        print(f'| point | {AXES[a.axis][0]} | test mean | SE | seeds |\n|---|---|---|---|---|')
         for name, size, mean, se, n in points:
-            print(f'| {name} | {size:.0f} | {mean:.4f} | {se:.4f} | {n} |')
+            print(f'| {name} | {size:.1f} | {mean:.4f} | {se:.4f} | {n} |')
         print()
         if a.plot:
             metric = 'epe'
@@ -174,18 +189,18 @@ def main():
                 if (Path(folder) / 'results.json').exists():
                     metric = json.loads((Path(folder) / 'results.json').read_text())['metric']
                     break
-            plot(points, metric, a.plot)
-    entries = compare(by_seed, a.row, a.against, a.line)
+            plot(points, metric, a.plot, a.axis)
+    entries = compare(by_seed, a.row, a.against, a.line, a.axis)
     if not entries:
         raise SystemExit(f'no seed has all of {a.row}, {a.against}'
                          + (f', {a.line[0]}, {a.line[1]}' if a.line else ''))
-    head = f'| seed | size (KiB) | {a.row} | {a.against} | difference |'
+    head = f'| seed | {AXES[a.axis][0]} | {a.row} | {a.against} | difference |'
     if a.line:
         head += ' line | difference from the line |'
     print(head)
     print('|---' * (head.count('|') - 1) + '|')
     for e in entries:
-        cells = [str(e['seed']), f"{e['size_kib']:.0f}", f"{e['test']:.4f}",
+        cells = [str(e['seed']), f"{e['x']:.1f}", f"{e['test']:.4f}",
                  f"{e['against']:.4f}", f"{e['diff']:+.4f}"]
         if a.line:
             cells += [f"{e['line']:.4f}", f"{e['diff_line']:+.4f}"]
