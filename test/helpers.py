@@ -42,3 +42,14 @@ def tiny_cache(path):
     """Build the 4-frame cache of the synthetic drive (seeds 1, 2; 2 frames; 96x128) at path."""
     from lane_seg.train.cache import build_cache
     return build_cache(path, seeds=[1, 2], frames=2, height=96, width=128, progress=False)
+
+
+def docs_script(name):
+    """Import ``docs/scripts/<name>.py`` (the study scripts are not a package) as a module."""
+    import importlib.util
+    from pathlib import Path
+    path = Path(__file__).resolve().parents[1] / 'docs' / 'scripts' / f'{name}.py'
+    spec = importlib.util.spec_from_file_location(name, path)
+    module = importlib.util.module_from_spec(spec)
+    spec.loader.exec_module(module)
+    return module

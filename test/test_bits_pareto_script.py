@@ -1,21 +1,15 @@
 """docs/scripts/bits_pareto.py: the run list of a sweep, hand-set widths and learned widths."""
 
-import importlib.util
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
+from helpers import docs_script
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / 'docs' / 'scripts' / 'bits_pareto.py'
 
 
 @pytest.fixture(scope='module')
 def bp():
-    spec = importlib.util.spec_from_file_location('bits_pareto', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_script('bits_pareto')
 
 
 def _args(tmp_path, **kw):

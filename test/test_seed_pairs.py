@@ -1,20 +1,14 @@
 """docs/scripts/seed_pairs.py: paired differences over seeds and the line between two points."""
 
-import importlib.util
 import json
-from pathlib import Path
 
+from helpers import docs_script
 import pytest
-
-SCRIPT = Path(__file__).resolve().parents[1] / 'docs' / 'scripts' / 'seed_pairs.py'
 
 
 @pytest.fixture(scope='module')
 def seed_pairs():
-    spec = importlib.util.spec_from_file_location('seed_pairs', SCRIPT)
-    module = importlib.util.module_from_spec(spec)
-    spec.loader.exec_module(module)
-    return module
+    return docs_script('seed_pairs')
 
 
 def _sweep(folder, seed, rows):
