@@ -7,6 +7,9 @@ Plain values and functions (no torch, no rclpy at import), imported as ``from he
 
 import contextlib
 import os
+from pathlib import Path
+
+REPO = Path(__file__).resolve().parents[1]   # the package's source tree
 
 # A 1-level fast U-Net of base width 4 and a 3-level FlowNetS at width 1/16: each training or
 # export run on them takes a fraction of a second. Copy before changing (``dict(TINY)``).
@@ -47,8 +50,7 @@ def tiny_cache(path):
 def docs_script(name):
     """Import ``docs/scripts/<name>.py`` (the study scripts are not a package) as a module."""
     import importlib.util
-    from pathlib import Path
-    path = Path(__file__).resolve().parents[1] / 'docs' / 'scripts' / f'{name}.py'
+    path = REPO / 'docs' / 'scripts' / f'{name}.py'
     spec = importlib.util.spec_from_file_location(name, path)
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)

@@ -7,10 +7,9 @@ one tiny FlowNetS are exported once per module as fp32, int8 QDQ and int8 ORT fi
 
 import copy
 import json
-from pathlib import Path
 from types import SimpleNamespace
 
-from helpers import FLOW, TINY, tiny_cache
+from helpers import FLOW, REPO, TINY, tiny_cache
 from lane_seg.models.export import check_tensorrt_qdq, export_onnx, to_ort_int8
 from lane_seg.models.flownet import FlowNetConfig, FlowNetS
 from lane_seg.models.metadata import (MetadataError, read_model_metadata, REQUIRED,
@@ -400,7 +399,7 @@ def test_flow_parity(exported, which):
 
 def test_shipped_qdq_models_follow_tensorrt_rules():
     """Every QDQ model in models/ (what the TensorRT backend builds from) passes the checks."""
-    shipped = sorted((Path(__file__).resolve().parents[1] / 'models').glob('*_qdq.onnx'))
+    shipped = sorted((REPO / 'models').glob('*_qdq.onnx'))
     names = {p.name for p in shipped}
     assert {'lane_unet_int8_qdq.onnx', 'lane_unet_mixed_int8_qdq.onnx', 'flow_int8_qdq.onnx',
             'flow_mixed_int8_qdq.onnx'} <= names

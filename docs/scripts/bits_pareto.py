@@ -87,11 +87,13 @@ def sweep(a):
 
 def widths_file(a, source, runs_dir):
     """
-    Return a file holding the widths learned run ``source`` found.
+    Return a file holding the widths of ``source``: a learned run's name, or a file.
 
-    Its checkpoint when present, else its ``layer_bits`` in ``results.json`` (the run folders
-    are not kept in git), copied to ``runs/SOURCE.layer_bits.json``; both are looked up in
-    ``--widths-from`` (another sweep: another seed's widths), by default ``--out``.
+    For a learned run: its checkpoint when present, else its ``layer_bits`` in
+    ``results.json`` (the run folders are not kept in git), copied to
+    ``runs/SOURCE.layer_bits.json``; both are looked up in ``--widths-from`` (another sweep:
+    another seed's widths), by default ``--out``. A file (widths set by hand,
+    ``--set-widths``) is returned as it is.
     """
     if Path(source).is_file():   # widths set by hand (--set-widths)
         return Path(source)

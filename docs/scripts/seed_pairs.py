@@ -59,16 +59,15 @@ def kib(row):
 def compare(by_seed, name, against, line=None, axis='size'):
     """Per-seed rows (seed, size, test, reference, difference, line value, difference)."""
     out = []
-    _check_sizes(by_seed, [name])
+    _check_sizes(by_seed, name)
+    need = [name, against] + list(line or [])
     for seed in sorted(by_seed):
         rows = by_seed[seed]
-        need = [name, against] + list(line or [])
         if any(n not in rows for n in need):
             continue
         row, ref = rows[name], rows[against]
         entry = {'seed': seed, 'x': position(row, axis), 'test': row['test'],
-                 'against': ref['test'],
-                 'diff': row['test'] - ref['test']}
+                 'against': ref['test'], 'diff': row['test'] - ref['test']}
         if line:
             low, high = rows[line[0]], rows[line[1]]
             x_low, x_high = position(low, axis), position(high, axis)
@@ -84,12 +83,12 @@ def compare(by_seed, name, against, line=None, axis='size'):
     return out
 
 
-def _check_sizes(by_seed, names):
-    for name in names:
-        sizes = sorted({round(kib(r[name])) for r in by_seed.values() if name in r})
-        if len(sizes) > 1:
-            print(f'warning: {name} has sizes {sizes} KiB over the seeds (other widths)',
-                  file=sys.stderr)
+def _check_sizes(by_seed, name):
+    """Warn when point ``name`` has other sizes (other widths) in other seeds."""
+    sizes = sorted({round(kib(r[name])) for r in by_seed.values() if name in r})
+    if len(sizes) > 1:
+        print(f'warning: {name} has sizes {sizes} KiB over the seeds (other widths)',
+              file=sys.stderr)
 
 
 def summary(values):
@@ -113,7 +112,7 @@ def means(by_seed, names, axis='size'):
         if not rows:
             raise SystemExit(f'--points: no sweep has a row {name}')
         mean, se = summary([r['test'] for r in rows])
-        _check_sizes(by_seed, [name])
+        _check_sizes(by_seed, name)
         out.append((name, statistics.mean(position(r, axis) for r in rows), mean, se,
                     len(rows)))
     return out
