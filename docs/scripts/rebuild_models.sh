@@ -78,13 +78,16 @@ $BIN/lane-seg export seg --float $RUNS/lane_full46/lane_full46.safetensors \
 # weights on average); QAT from the float model at those widths, seed 2 (the best
 # validation IoU of seeds 0-2), shipped as int8 containers (`--model mixed`). To retrain at the
 # shipped widths, give the second command --layer-bits models/lane_unet_mixed_int8_ort.json.
-LANE_BITS="--crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
-  --val cache:$CACHE/val800 --max-val 48 --epochs 2 --max-train 0 --lr 1e-4 --quant-bits 8 \
+# The 192-step QAT budget of the learned-width studies (both networks; the learning rate is
+# given per network) and the width search's settings.
+QAT_192="--crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
+  --val cache:$CACHE/val800 --max-val 48 --epochs 2 --max-train 0 --quant-bits 8 \
   --weight-clip mse"
-$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors $LANE_BITS \
-  --learn-bits per_layer --bits-hardware size --bits-lambda 0.97 --bits-every 2 \
-  --bits-optimizer adam --bits-lr 0.15 --bits-alpha 4 --seed 0 --out $RUNS/lane_learned_0.97
-$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors $LANE_BITS \
+SEARCH="--learn-bits per_layer --bits-hardware size --bits-every 2 --bits-optimizer adam \
+  --bits-lr 0.15 --bits-alpha 4"
+$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors $QAT_192 --lr 1e-4 \
+  $SEARCH --bits-lambda 0.97 --seed 0 --out $RUNS/lane_learned_0.97
+$BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors $QAT_192 --lr 1e-4 \
   --layer-bits $RUNS/lane_learned_0.97/lane_learned_0.97.safetensors --seed 2 \
   --out $RUNS/lane_mixed_0.97
 $BIN/lane-seg export seg --float $RUNS/lane_full46/lane_full46.safetensors \
@@ -155,13 +158,9 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors --quan
 # EPE of seeds 0-4), shipped as int8 containers (`--model mixed`). On other hardware the search
 # may settle on other widths: to retrain at the shipped ones, give the second command
 # --layer-bits models/flow_mixed_int8_ort.json instead.
-FLOW_BITS="--crop 256 512 --data cache:$CACHE/train800b,cache:$CACHE/train800c \
-  --val cache:$CACHE/val800 --max-val 48 --epochs 2 --max-train 0 --lr 3e-4 --quant-bits 8 \
-  --weight-clip mse"
-$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $FLOW_BITS \
-  --learn-bits per_layer --bits-hardware size --bits-lambda 0.4 --bits-every 2 \
-  --bits-optimizer adam --bits-lr 0.15 --bits-alpha 4 --seed 0 --out $RUNS/flow_learned_0.4
-$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $FLOW_BITS \
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $QAT_192 --lr 3e-4 \
+  $SEARCH --bits-lambda 0.4 --seed 0 --out $RUNS/flow_learned_0.4
+$BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $QAT_192 --lr 3e-4 \
   --layer-bits $RUNS/flow_learned_0.4/flow_learned_0.4.safetensors --seed 2 \
   --out $RUNS/flow_mixed_0.4
 $BIN/lane-seg export flow --float $RUNS/flow_full12/flow_full12.safetensors \
