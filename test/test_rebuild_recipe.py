@@ -67,28 +67,38 @@ def test_every_command_parses():
             pytest.fail(f'{SCRIPT.name}: lane-seg {shlex.join(argv)} does not parse')
 
 
-def unmade_runs(found):
+def run_folder(path, runs):
+    """Return the run folder ``path`` lies in under ``runs``, or None for a path elsewhere."""
+    prefix = runs.rstrip('/') + '/'
+    return path[len(prefix):].split('/')[0] if path.startswith(prefix) else None
+
+
+def unmade_runs(found, runs):
     """Return (command, run) for each run folder read before a command of ``found`` writes it."""
     written, missing = set(), []
     for argv in found:
         for flag, path in zip(argv, argv[1:]):
-            if flag in INPUTS and path.startswith('/work/runs/'):
-                if path.split('/')[3] not in written:
-                    missing.append((shlex.join(argv[:2]), path.split('/')[3]))
+            run = run_folder(path, runs) if flag in INPUTS else None
+            if run is not None and run not in written:
+                missing.append((shlex.join(argv[:2]), run))
         if '--out' in argv:
-            out = argv[argv.index('--out') + 1]
-            if out.startswith('/work/runs/'):
-                written.add(out.split('/')[3])
+            written.add(run_folder(argv[argv.index('--out') + 1], runs))
     return missing
 
 
 def test_a_run_read_before_it_is_made_is_found():
-    found = [['train', 'seg', '--init', '/work/runs/a/a.safetensors', '--out', '/work/runs/b'],
-             ['train', 'seg', '--out', '/work/runs/a'],
-             ['export', 'seg', '--float', '/work/runs/a/a.safetensors', '--int8',
-              '/work/runs/b/b.safetensors', '--out', 'models']]
-    assert unmade_runs(found) == [('train seg', 'a')]
+    found = [['train', 'seg', '--init', '/r/a/a.safetensors', '--out', '/r/b'],
+             ['train', 'seg', '--out', '/r/a'],
+             ['export', 'seg', '--float', '/r/a/a.safetensors', '--int8', '/r/b/b.safetensors',
+              '--out', 'models']]
+    assert unmade_runs(found, '/r') == [('train seg', 'a')]
 
 
 def test_every_run_it_starts_from_is_made_before():
-    assert unmade_runs(commands(SCRIPT.read_text())) == []
+    text = SCRIPT.read_text()
+    runs = re.search(r'^RUNS=\$\{RUNS:-(.*)\}$', text, re.MULTILINE).group(1)
+    found = commands(text)
+    reads = [path for argv in found for flag, path in zip(argv, argv[1:])
+             if flag in INPUTS and run_folder(path, runs)]
+    assert len(reads) >= 30, f'the recipe reads few runs under {runs}'
+    assert unmade_runs(found, runs) == []
