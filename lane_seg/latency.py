@@ -2,12 +2,16 @@
 Latency and health statistics of a perception node (pure: no rclpy, no message types).
 
 A node feeds one :class:`LatencyStats` with what happens to its frames: ``received`` when a
-message arrives, ``dropped`` when an unprocessed frame is overwritten by a newer one,
+message arrives, ``dropped`` when an unprocessed frame is overwritten by a newer one, ``lost``
+when the publisher wrote frames that never reached the node (gaps in its publication sequence
+numbers, see :class:`SequenceGaps`: the middleware's depth-1 history overwrote them),
 ``rejected`` (with a reason) when a frame cannot be used, ``processed`` with the per-stage
 times, the end-to-end latency (node clock minus header stamp) and where a frame waited before
 processing (``transport``: header stamp to the subscription callback, i.e. the publisher,
 middleware and executor; ``queue``: callback to the start of processing, i.e. waiting for the
-previous frame), ``event`` for things worth
+previous frame; where the middleware reports its timestamps, ``transport`` splits into
+``publisher``: header stamp to the publisher's write, ``middleware``: write to reception by the
+node's middleware, ``executor``: reception to the callback), ``event`` for things worth
 counting that are not errors (a pipeline reset, a resolution change), ``metric`` for live
 accuracy figures (IoU, EPE). All figures are kept over a rolling time window.
 
@@ -17,14 +21,14 @@ key/value pairs (the fields of a ``diagnostic_msgs/DiagnosticStatus``):
 - ERROR when a start-up failure is set (missing model, unusable backend), or no frame has
   arrived for ``stale_after_s`` (also before the first frame, counted from start-up);
 - WARN while an engine is being built (with the elapsed time), when the window's end-to-end
-  p95 exceeds the latency budget, or when frames were dropped within the window;
+  p95 exceeds the latency budget, or when frames were dropped or lost within the window;
 - OK otherwise.
 
 Times passed in are seconds on a monotonic clock (``time.monotonic()`` unless given); the
 caller measures latencies in milliseconds.
 """
 
-from collections import Counter, deque
+from collections import Counter, deque, OrderedDict
 from dataclasses import dataclass
 import enum
 import math
@@ -33,7 +37,8 @@ import time
 import numpy as np
 
 STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
-WAITS = ('transport', 'queue', 'total')
+SPLIT_WAITS = ('publisher', 'middleware', 'executor')   # the parts of 'transport'
+WAITS = ('transport', 'queue', 'total') + SPLIT_WAITS
 PERCENTILES = (50, 95, 99)
 
 
@@ -118,6 +123,35 @@ class RollingWindow:
         return (n - 1) / span if span > 0 else 0.0
 
 
+class SequenceGaps:
+    """
+    Count the messages a subscriber never saw, from the publishers' sequence numbers.
+
+    DDS numbers every sample a writer sends (``publication_sequence_number`` in rclpy's
+    message info, per ``publisher_gid``). A depth-1 subscription whose callback runs late
+    finds only the newest sample: the middleware overwrote the others without telling
+    anyone. :meth:`update` returns how many numbers were skipped since the publisher's last
+    message (0 for its first, for a number that is not newer, or without a publisher or
+    number). The newest ``max_publishers`` publishers are remembered.
+    """
+
+    def __init__(self, max_publishers: int = 32):
+        self.max_publishers = int(max_publishers)
+        self._last = OrderedDict()
+
+    def update(self, publisher, sequence) -> int:
+        if publisher is None or sequence is None:
+            return 0
+        sequence = int(sequence)
+        last = self._last.pop(publisher, None)
+        self._last[publisher] = sequence if last is None else max(last, sequence)
+        while len(self._last) > self.max_publishers:
+            self._last.popitem(last=False)
+        if last is None or sequence <= last:
+            return 0
+        return sequence - last - 1
+
+
 def _fmt(value: float, digits: int = 2) -> str:
     if value is None or (isinstance(value, float) and math.isnan(value)):
         return 'n/a'
@@ -148,11 +182,13 @@ class LatencyStats:
         self._received = RollingWindow(window_s)
         self._processed = RollingWindow(window_s)
         self._dropped = RollingWindow(window_s)
+        self._lost = RollingWindow(window_s)
         self._rejected_window = RollingWindow(window_s)
         self._metrics = {}
         self.received_total = 0
         self.processed_total = 0
         self.dropped_total = 0
+        self.lost_total = 0
         self.rejected = Counter()
         self.events = Counter()
         self.last_received_at = None
@@ -177,6 +213,14 @@ class LatencyStats:
         self.dropped_total += count
         self._dropped.add(now, count)
 
+    def lost(self, count: int = 1, now: float = None):
+        """Count frames that were published but never reached the node (see SequenceGaps)."""
+        if count <= 0:
+            return
+        now = self._now(now)
+        self.lost_total += count
+        self._lost.add(now, count)
+
     def rejected_frame(self, reason: str, now: float = None):
         now = self._now(now)
         self.rejected[reason] += 1
@@ -190,10 +234,11 @@ class LatencyStats:
         """
         Record one processed frame: ``stage_ms`` maps stage names to milliseconds.
 
-        ``wait_ms`` (optional) maps ``transport`` and ``queue`` to the milliseconds the frame
-        spent before processing (non-finite values are skipped); with both, their sum is
-        kept as ``total``, the per-frame part of the end-to-end latency that is not
-        processing.
+        ``wait_ms`` (optional) maps ``transport`` and ``queue`` (and, where known, the parts
+        of ``transport``: ``publisher``, ``middleware``, ``executor``) to the milliseconds
+        the frame spent before processing (non-finite values are skipped); with ``transport``
+        and ``queue``, their sum is kept as ``total``, the per-frame part of the end-to-end
+        latency that is not processing.
         """
         now = self._now(now)
         wait_ms = dict(wait_ms or {})
@@ -252,6 +297,9 @@ class LatencyStats:
     def dropped_in_window(self, now: float = None) -> int:
         return int(self._dropped.total(self._now(now)))
 
+    def lost_in_window(self, now: float = None) -> int:
+        return int(self._lost.total(self._now(now)))
+
     def metrics(self, now: float = None) -> dict:
         now = self._now(now)
         out = {}
@@ -270,6 +318,8 @@ class LatencyStats:
             'processed': self.processed_total,
             'dropped': self.dropped_total,
             'dropped_in_window': self.dropped_in_window(now),
+            'lost': self.lost_total,
+            'lost_in_window': self.lost_in_window(now),
             'rejected': dict(self.rejected),
             'events': dict(self.events),
             'input_rate_hz': self.input_rate(now),
@@ -287,6 +337,7 @@ class LatencyStats:
         now = self._now(now)
         e2e = self.end_to_end(now)
         dropped = self.dropped_in_window(now)
+        lost = self.lost_in_window(now)
         since = now - (self.last_received_at if self.last_received_at is not None
                        else self.started_at)
         problems = []
@@ -309,6 +360,10 @@ class LatencyStats:
         if dropped:
             level = max(level, Level.WARN)
             problems.append(f'{dropped} frames dropped in the last {self.window_s:g} s')
+        if lost:
+            level = max(level, Level.WARN)
+            problems.append(f'{lost} frames lost before the callback (overwritten in the '
+                            f'subscription queue) in the last {self.window_s:g} s')
         if problems:
             message = '; '.join(problems)
         elif self.last_received_at is None:
@@ -316,9 +371,9 @@ class LatencyStats:
         else:
             message = (f'ok: {self.output_rate(now):.1f} Hz out, end-to-end p95 '
                        f'{_fmt(e2e["p95"], 1)} ms')
-        return Status(level, message, tuple(self._values(now, e2e, dropped, since)))
+        return Status(level, message, tuple(self._values(now, e2e, dropped, lost, since)))
 
-    def _values(self, now, e2e, dropped, since):
+    def _values(self, now, e2e, dropped, lost, since):
         for key, value in self.info.items():
             yield key, str(value)
         yield 'input_rate_hz', _fmt(self.input_rate(now))
@@ -327,6 +382,8 @@ class LatencyStats:
         yield 'frames_processed', str(self.processed_total)
         yield 'frames_dropped', str(self.dropped_total)
         yield 'frames_dropped_in_window', str(dropped)
+        yield 'frames_lost', str(self.lost_total)
+        yield 'frames_lost_in_window', str(lost)
         yield 'frames_rejected', str(sum(self.rejected.values()))
         for reason in sorted(self.rejected):
             yield f'rejected.{reason}', str(self.rejected[reason])
@@ -341,6 +398,8 @@ class LatencyStats:
             for q in ('p50', 'p95', 'p99', 'max'):
                 yield f'{name}_ms.{q}', _fmt(pct[q])
         for name, pct in self.wait_percentiles(now).items():
+            if name in SPLIT_WAITS and math.isnan(pct['p50']):
+                continue   # the middleware gives no timestamps (or sim time): not shown
             for q in ('p50', 'p95', 'p99', 'max'):
                 yield f'{name}_wait_ms.{q}', _fmt(pct[q])
         for name, value in sorted(self.metrics(now).items()):

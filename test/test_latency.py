@@ -4,7 +4,8 @@ import math
 import subprocess
 import sys
 
-from lane_seg.latency import LatencyStats, Level, percentiles, RollingWindow, STAGES
+from lane_seg.latency import (LatencyStats, Level, percentiles, RollingWindow, SequenceGaps,
+                              STAGES)
 import numpy as np
 import pytest
 
@@ -203,6 +204,9 @@ def test_transport_and_queue_waits_and_their_per_frame_total():
     for name in ('transport', 'queue', 'total'):
         for q in ('p50', 'p95', 'p99', 'max'):
             assert f'{name}_wait_ms.{q}' in values
+    # the parts of the transport are shown only when the middleware gave its timestamps
+    assert not any(k.startswith(('publisher_wait', 'middleware_wait', 'executor_wait'))
+                   for k in values)
     assert values['total_wait_ms.max'] == '147.00'
     assert stats.summary()['waits_ms']['queue']['max'] == 98.0
 
@@ -215,3 +219,49 @@ def test_waits_skip_non_finite_values_and_reject_unknown_names():
     assert waits['queue']['p50'] == 1.0
     with pytest.raises(ValueError, match='unknown wait'):
         stats.processed({}, 1.0, wait_ms={'network': 1.0})
+
+
+def test_transport_parts_are_kept_and_shown_when_given():
+    stats, clock = make()
+    for i in range(20):
+        clock.t += 0.05
+        stats.received()
+        stats.processed({'inference': 5.0}, 9.0, wait_ms={
+            'transport': 3.0, 'queue': 1.0, 'publisher': 0.5, 'middleware': 0.5 + i / 10,
+            'executor': 2.0})
+    values = stats.status().as_dict()
+    assert values['middleware_wait_ms.max'] == '2.40' and values['executor_wait_ms.p50'] == '2.00'
+    assert values['publisher_wait_ms.p95'] == '0.50'
+    assert stats.summary()['waits_ms']['total']['p50'] == 4.0
+
+
+def test_sequence_gaps_count_what_each_publisher_sent_that_never_arrived():
+    gaps = SequenceGaps(max_publishers=2)
+    assert gaps.update(b'a', 1) == 0                   # the first message of a publisher
+    assert gaps.update(b'a', 2) == 0
+    assert gaps.update(b'a', 6) == 3                   # 3, 4 and 5 never arrived
+    assert gaps.update(b'b', 100) == 0                 # another publisher, its own numbers
+    assert gaps.update(b'a', 7) == 0
+    assert gaps.update(b'a', 5) == 0 and gaps.update(b'a', 9) == 1   # old number: no credit
+    assert gaps.update(None, 12) == 0 and gaps.update(b'a', None) == 0
+    assert gaps.update(b'c', 1) == 0                   # a third publisher evicts 'b' ...
+    assert gaps.update(b'b', 200) == 0                 # ... which starts afresh
+    assert gaps.update(b'a', 10) == 0                  # 'a' was evicted by 'b' in turn
+
+
+def test_lost_frames_are_counted_and_make_a_warning():
+    stats, clock = make()
+    stats.received()
+    stats.processed({'inference': 1.0}, 2.0)
+    stats.lost(0)
+    assert stats.status().level == Level.OK
+    stats.lost(3)
+    status = stats.status()
+    assert status.level == Level.WARN
+    assert '3 frames lost before the callback' in status.message
+    values = status.as_dict()
+    assert values['frames_lost'] == '3' and values['frames_lost_in_window'] == '3'
+    clock.t += 11.0                                    # out of the 10-s window
+    stats.received()
+    assert stats.status().as_dict()['frames_lost_in_window'] == '0'
+    assert stats.summary()['lost'] == 3 and stats.summary()['lost_in_window'] == 0

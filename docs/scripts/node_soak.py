@@ -40,7 +40,7 @@ OUTPUTS = {'lane_seg_node': '/lane_seg_node/mask', 'flow_node': '/flow_node/flow
 MODELS = {'lane_seg_node': 'models/lane_unet_int8_ort.onnx',
           'flow_node': 'models/flow_int8_ort.onnx'}
 STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
-WAITS = ('transport', 'queue', 'total')
+WAITS = ('transport', 'queue', 'total', 'publisher', 'middleware', 'executor')
 MARGIN_MS = 5.0
 
 
@@ -196,6 +196,7 @@ def diag_sample(values):
         'frames_received': int(to_float(values.get('frames_received', 0)) or 0),
         'frames_processed': int(to_float(values.get('frames_processed', 0)) or 0),
         'frames_dropped': int(to_float(values.get('frames_dropped', 0)) or 0),
+        'frames_lost': int(to_float(values.get('frames_lost', 0)) or 0),
         'frames_rejected': int(to_float(values.get('frames_rejected', 0)) or 0),
         'level': values.get('_level'),
         'message': values.get('_message'),
@@ -257,6 +258,7 @@ def analyse(samples, ages, rss, t_end):
         processing = median(r['processing_ms'] for r in windows)
         received = last_row.get('frames_received', 0) - first_row.get('frames_received', 0)
         dropped = last_row.get('frames_dropped', 0) - first_row.get('frames_dropped', 0)
+        lost = last_row.get('frames_lost', 0) - first_row.get('frames_lost', 0)
         summary = {
             'e2e_p50_ms_median': median(r['e2e_p50_ms'] for r in windows),
             'e2e_p95_ms_median': e2e_p95,
@@ -269,6 +271,7 @@ def analyse(samples, ages, rss, t_end):
             'frames_received': received,
             'frames_dropped': dropped,
             'dropped_fraction': dropped / received if received else None,
+            'frames_lost': lost,
             'frames_rejected': last_row.get('frames_rejected', 0)
             - first_row.get('frames_rejected', 0),
             'wait_ms_median': waits,
@@ -393,9 +396,10 @@ def write_markdown(path, report):
     lines += ['', '## Per node (medians over 10 s windows)', '',
               '| node | e2e p50 | e2e p95 | processing (sum of stage p50s) | conversion | '
               'preprocess | inference | postprocess | publish | in Hz | out Hz | received | '
-              'dropped | rejected | output age p50 / p95 / max | transport p50 / p95 | '
-              'queue p50 / p95 |',
-              '|---|' + '---|' * 16]
+              'dropped | lost | rejected | output age p50 / p95 / max | transport p50 / p95 | '
+              'queue p50 / p95 | publisher p50 / p95 | middleware p50 / p95 | '
+              'executor p50 / p95 |',
+              '|---|' + '---|' * 20]
     for k, v in n.items():
         st = v['stage_p50_ms_median']
         a = v['output_age_ms']
@@ -405,16 +409,21 @@ def write_markdown(path, report):
             + ' | '.join(fmt(st[x], 2) for x in STAGES)
             + f' | {fmt(v["input_rate_hz_median"])} | {fmt(v["output_rate_hz_median"])} | '
             f'{v["frames_received"]} | {v["frames_dropped"]} '
-            f'({fmt(100 * (v["dropped_fraction"] or 0))} %) | {v["frames_rejected"]} | '
-            f'{fmt(a["p50"])} / {fmt(a["p95"])} / {fmt(a["max"])} | '
+            f'({fmt(100 * (v["dropped_fraction"] or 0))} %) | {v.get("frames_lost", "n/a")} | '
+            f'{v["frames_rejected"]} | {fmt(a["p50"])} / {fmt(a["p95"])} / {fmt(a["max"])} | '
             + ' | '.join(f'{fmt(w.get("p50"))} / {fmt(w.get("p95"))}' for w in (
-                v.get('wait_ms_median', {}).get('transport', {}),
-                v.get('wait_ms_median', {}).get('queue', {}))) + ' |')
+                v.get('wait_ms_median', {}).get(name, {})
+                for name in ('transport', 'queue', 'publisher', 'middleware', 'executor')))
+            + ' |')
     lines += ['', 'Times in ms. Output age: receive time in the soak script node minus the '
               'output header stamp (the camera stamp), so end-to-end plus transport. Transport: '
               "header stamp to the node's subscription callback (camera publish, middleware, "
               'deserialization, executor); queue: callback to the start of processing (the '
-              'worker busy with the previous frame).', '',
+              'worker busy with the previous frame). Transport in parts, from the '
+              "middleware's timestamps: publisher (header stamp to the camera's DDS write), "
+              "middleware (write to reception by the node's DDS reader), executor (reception "
+              'to the callback). Lost: frames the camera wrote that never reached the '
+              "callback (gaps in the writer's sequence numbers).", '',
               '## RSS (MiB, sampled every '
               f'{report["args"]["rss_period"]:g} s)', '',
               '| process | first | last | max |', '|---|---|---|---|']

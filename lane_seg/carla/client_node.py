@@ -42,6 +42,7 @@ from std_msgs.msg import Header
 from .conversions import (carla_flow_to_pixels, flow_convention, road_line_tag,
                           semantic_raw_to_lane_mask, server_supports_optical_flow)
 from ..image_conversion import numpy_to_image
+from ..process_tuning import tune_process
 
 NODE_NAME = 'carla_camera_node'
 INSTALL_HINT = ('pip install carla==<server version> (the client must match the CARLA '
@@ -445,6 +446,7 @@ class CarlaCameraNode(Node):
 
 def main(args=None):
     """Run the node; returns 0 on a clean shutdown, 1 when CARLA is unusable, 2 on bad params."""
+    tune_process(warn=get_logger(NODE_NAME).warning)
     rclpy.init(args=args)
     node = None
     code = 0

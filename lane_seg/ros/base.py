@@ -20,9 +20,7 @@ serialized bytes too (one copy of the pixels instead of three).
 """
 
 from collections import OrderedDict
-import os
 import re
-import sys
 import threading
 import time
 
@@ -30,11 +28,13 @@ from builtin_interfaces.msg import Time
 from lane_seg.image_cdr import decode_image, encode_like
 from lane_seg.image_conversion import (image_to_numpy, ImageConversionError,
                                        SUPPORTED_ENCODINGS)
-from lane_seg.latency import LatencyStats, Level, Status
+from lane_seg.latency import LatencyStats, Level, SequenceGaps, Status
+from lane_seg.process_tuning import lower_thread_priority, tune_process
 import numpy as np
 import rclpy
 from rclpy.executors import ExternalShutdownException
 from rclpy.node import Node
+from rclpy.subscription import Subscription
 from sensor_msgs.msg import Image
 from std_msgs.msg import Header
 
@@ -44,58 +44,10 @@ from .qos import input_qos, output_qos
 
 ACCEPTED_ENCODINGS = ('bgr8', 'rgb8', 'bgra8', 'rgba8', 'mono8')
 
-# Python hands the GIL from a busy thread to a waiting one every switch interval (5 ms by
-# default). A node's executor thread (subscription callbacks) and its worker (conversion,
-# pre/post-processing, publishing) share the GIL, so with the default every frame could wait up
-# to 5 ms for the executor to run its callback or for the worker to wake. Measured at 30 Hz of
-# 800x600 frames (docs/bench/node_soak.md), the p95 of stamp-to-processing per frame went from
-# 6.2/6.2 ms (lanes/flow) to 6.0/5.3 ms over 10 minutes, from 6.4/8.1 to 5.2/4.8 ms in 90-s
-# runs. The node mains and the runner set it.
-GIL_SWITCH_ENV = 'LANE_SEG_GIL_SWITCH_MS'
-GIL_SWITCH_DEFAULT_MS = 1.0
-GIL_SWITCH_RANGE_MS = (0.05, 100.0)
-
-
-def set_gil_switch_interval(environ=None, warn=None) -> float:
-    """
-    Set the interpreter's thread switch interval for a node process; return it in ms.
-
-    ``LANE_SEG_GIL_SWITCH_MS`` overrides the default (1 ms); a value that is not a number in
-    [0.05, 100] is refused with a warning through ``warn(text)`` and the default is used.
-    """
-    environ = os.environ if environ is None else environ
-    value = GIL_SWITCH_DEFAULT_MS
-    text = environ.get(GIL_SWITCH_ENV, '').strip()
-    if text:
-        low, high = GIL_SWITCH_RANGE_MS
-        try:
-            asked = float(text)
-        except ValueError:
-            asked = None
-        if asked is not None and low <= asked <= high:
-            value = asked
-        elif warn is not None:
-            warn(f'{GIL_SWITCH_ENV}={text!r} is not a number of milliseconds in [{low:g}, '
-                 f'{high:g}]; using {GIL_SWITCH_DEFAULT_MS:g} ms')
-    sys.setswitchinterval(value / 1000.0)
-    return value
-
-
-def lower_thread_priority(increment: int) -> int:
-    """
-    Add ``increment`` to the calling thread's niceness (Linux: niceness is per thread).
-
-    Returns the thread's new niceness. Raising one's niceness needs no privilege; threads the
-    caller starts afterwards inherit it. Raises ``OSError`` where threads have no niceness of
-    their own (not Linux).
-    """
-    if not sys.platform.startswith('linux'):
-        raise OSError(f'per-thread niceness is a Linux feature, not available on '
-                      f'{sys.platform}')
-    tid = threading.get_native_id()
-    nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(increment))
-    os.setpriority(os.PRIO_PROCESS, tid, nice)
-    return os.getpriority(os.PRIO_PROCESS, tid)
+# rclpy passes a message info (the middleware's source and reception timestamps, the
+# publisher's sequence number) to a callback of two arguments since Iron; Humble's calls every
+# callback with the message alone.
+CALLBACK_WITH_INFO = hasattr(Subscription, 'CallbackType')
 
 
 def stamp_ns(header) -> int:
@@ -201,16 +153,19 @@ class PerceptionNode(Node):
         self._factory = pipeline_factory
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
-        self._slot = None   # (raw bytes, receive seq, receive monotonic time, ROS time ns)
+        # (raw bytes, receive seq, receive monotonic time, ROS time ns, transport parts in ms)
+        self._slot = None
         self._receive_seq = 0
+        self._gaps = SequenceGaps()
         self._stop = False
         self.pipeline = None
         self.pipeline_info = {}
         self.throttled = ThrottledLog(self.get_logger())
         self.params = NodeParameters(self, self.SPECS, self.CONFIG, self._params_changed)
         cfg = self.params.config
+        callback = self._on_image_with_info if CALLBACK_WITH_INFO else self._on_image
         self.subscription = self.create_subscription(
-            Image, 'image', self._on_image, input_qos(cfg.qos_reliability), raw=True)
+            Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True)
         self.stats = LatencyStats(window_s=cfg.window_s,
                                   latency_budget_ms=cfg.latency_budget_ms,
                                   stale_after_s=cfg.stale_after_s, stages=self.STAGES,
@@ -248,18 +203,38 @@ class PerceptionNode(Node):
         self.params_changed(old, new)
 
     # -- input ---------------------------------------------------------------------------
-    def _on_image(self, raw):
+    def _on_image_with_info(self, raw, info):
+        self._on_image(raw, info)
+
+    def _on_image(self, raw, info=None):
         now = time.monotonic()
-        arrived_ns = self.get_clock().now().nanoseconds
+        wall_ns = time.time_ns()
+        clock = self.get_clock()
+        arrived_ns = clock.now().nanoseconds
+        parts, publisher, sequence = {}, None, None
+        if info:
+            # The middleware's timestamps are on the system clock: the header stamp compares
+            # with them only when the node clock is the system clock too (no sim time).
+            source = info.get('source_timestamp') or 0
+            received = info.get('received_timestamp') or 0
+            if source > 0 and received >= source:
+                parts['middleware'] = (received - source) / 1e6
+                parts['executor'] = (wall_ns - received) / 1e6
+                sim_time = getattr(clock, 'ros_time_is_active', False)
+                parts['source_ns'] = None if sim_time else source
+            gid = info.get('publisher_gid')
+            publisher = bytes(gid['data']) if isinstance(gid, dict) and 'data' in gid else None
+            sequence = info.get('publication_sequence_number')
         with self._lock:
             self._receive_seq += 1
             self.stats.received(now)
+            self.stats.lost(self._gaps.update(publisher, sequence), now)
             if self.stats.startup_failure is not None:
                 self.stats.rejected_frame('no_pipeline', now)
                 return
             if self._slot is not None:
                 self.stats.dropped(1, now)
-            self._slot = (raw, self._receive_seq, now, arrived_ns)
+            self._slot = (raw, self._receive_seq, now, arrived_ns, parts)
             self._wake.notify()
 
     def reject(self, reason: str, text: str, msg=None):
@@ -380,7 +355,7 @@ class PerceptionNode(Node):
             item = self._take()
             if item is None:
                 return
-            raw, seq, received, arrived_ns = item
+            raw, seq, received, arrived_ns, parts = item
             if self.pipeline is None:
                 with self._lock:
                     self.stats.rejected_frame('no_pipeline')
@@ -393,15 +368,21 @@ class PerceptionNode(Node):
                 self.reject('malformed', str(exc))
                 continue
             try:
-                self._handle(msg, seq, t0, queue_ms, arrived_ns)
+                self._handle(msg, seq, t0, queue_ms, arrived_ns, parts)
             except Exception as exc:  # a bug or engine failure on one frame: keep serving
                 try:
                     self.reject('pipeline_error', describe_error(exc), msg)
                 except Exception:  # never let the worker die
                     pass
 
-    def _handle(self, msg, seq, t0, queue_ms, arrived_ns):
-        waits = {'queue': queue_ms, 'transport': (arrived_ns - stamp_ns(msg.header)) / 1e6}
+    def _handle(self, msg, seq, t0, queue_ms, arrived_ns, parts):
+        stamp = stamp_ns(msg.header)
+        waits = {'queue': queue_ms, 'transport': (arrived_ns - stamp) / 1e6}
+        if parts:
+            waits['middleware'] = parts['middleware']
+            waits['executor'] = parts['executor']
+            if parts['source_ns'] is not None:
+                waits['publisher'] = (parts['source_ns'] - stamp) / 1e6
         image = self.decode(msg)
         if image is None:
             return
@@ -468,7 +449,7 @@ def level_name(level) -> str:
 def spin_node(node_cls, args=None) -> int:
     """Run a node as ``main()`` does: init, spin, portable shutdown (Humble to Kilted)."""
     name = getattr(node_cls, 'NODE_NAME', node_cls.__name__)
-    set_gil_switch_interval(warn=rclpy.logging.get_logger(name).warning)
+    tune_process(warn=rclpy.logging.get_logger(name).warning)
     rclpy.init(args=args)
     node = None
     code = 0

@@ -20,6 +20,7 @@ import time
 
 import cv2
 from lane_seg.image_conversion import image_to_numpy
+from lane_seg.process_tuning import tune_process
 import rclpy
 from rclpy.context import Context
 from rclpy.executors import MultiThreadedExecutor
@@ -27,7 +28,6 @@ from rclpy.node import Node
 from sensor_msgs.msg import Image
 import yaml
 
-from .base import set_gil_switch_interval
 from .camera_sim_node import CameraSimNode
 from .flow_node import FlowNode
 from .lane_seg_node import LaneSegNode
@@ -138,7 +138,8 @@ def run(params, duration: float = 5.0, out='out/run', pictures: int = 4,
     remap = ['--ros-args', '-r', f'image:={camera}/image',
              '-r', f'camera_info:={camera}/camera_info']
     switch_interval = sys.getswitchinterval()   # restored at the end: run() is a library call
-    set_gil_switch_interval(warn=rclpy.logging.get_logger('lane_seg_run').warning)
+    # the GIL switch interval is restored at the end; the malloc setting stays (process-wide)
+    tune_process(warn=rclpy.logging.get_logger('lane_seg_run').warning)
     context = Context()
     rclpy.init(args=['--ros-args', '--params-file', str(params)], context=context)
     nodes = []
