@@ -178,6 +178,7 @@ class LatencyStats:
         self.started_at = clock()
         self._stage = {name: RollingWindow(window_s) for name in self.stages}
         self._e2e = RollingWindow(window_s)
+        self._processing = RollingWindow(window_s)   # per frame: the sum of its stages
         self._waits = {name: RollingWindow(window_s) for name in WAITS}
         self._received = RollingWindow(window_s)
         self._processed = RollingWindow(window_s)
@@ -255,6 +256,8 @@ class LatencyStats:
             if name not in self._stage:
                 self._stage[name] = RollingWindow(self.window_s)
             self._stage[name].add(now, value)
+        if stage_ms:
+            self._processing.add(now, sum(stage_ms.values()))
         if end_to_end_ms is not None and math.isfinite(end_to_end_ms):
             self._e2e.add(now, end_to_end_ms)
 
@@ -283,6 +286,10 @@ class LatencyStats:
 
     def end_to_end(self, now: float = None) -> dict:
         return percentiles(self._e2e.values(self._now(now)))
+
+    def processing(self, now: float = None) -> dict:
+        """Return the percentiles of each frame's own processing time (its stages' sum)."""
+        return percentiles(self._processing.values(self._now(now)))
 
     def wait_percentiles(self, now: float = None) -> dict:
         now = self._now(now)
@@ -325,6 +332,7 @@ class LatencyStats:
             'input_rate_hz': self.input_rate(now),
             'output_rate_hz': self.output_rate(now),
             'end_to_end_ms': self.end_to_end(now),
+            'processing_ms': self.processing(now),
             'stages_ms': self.stage_percentiles(now),
             'waits_ms': self.wait_percentiles(now),
             'metrics': self.metrics(now),
@@ -394,6 +402,9 @@ class LatencyStats:
         yield 'window_s', f'{self.window_s:g}'
         for q in ('p50', 'p95', 'p99', 'max'):
             yield f'end_to_end_ms.{q}', _fmt(e2e[q])
+        processing = self.processing(now)
+        for q in ('p50', 'p95', 'p99', 'max'):
+            yield f'processing_ms.{q}', _fmt(processing[q])
         for name, pct in self.stage_percentiles(now).items():
             for q in ('p50', 'p95', 'p99', 'max'):
                 yield f'{name}_ms.{q}', _fmt(pct[q])

@@ -1,7 +1,7 @@
 """
 Process settings of a node process that the interpreter and the C library get wrong for it.
 
-Three knobs, each measured at 30 Hz of 800x600 ``bgra8`` frames on 2 cores
+Four knobs, each measured at 30 Hz of 800x600 ``bgra8`` frames on 2 cores
 (``docs/bench/node_soak.md``); no rclpy import:
 
 * :func:`set_gil_switch_interval`: Python hands the GIL from a busy thread to a waiting one
@@ -17,6 +17,11 @@ Three knobs, each measured at 30 Hz of 800x600 ``bgra8`` frames on 2 cores
   from the middleware on an idle 2-core AMD EPYC, 0.36 ms and no fault once malloc keeps such
   blocks in its heap. ``LANE_SEG_MALLOC_KEEP_MB`` sets the block size kept (0 leaves glibc's
   defaults).
+* :func:`set_opencv_threads`: OpenCV runs a resize or colour conversion on a pool of one
+  thread per core, and the pool's threads spin (``sched_yield``) between jobs. Two nodes on
+  2 cores each kept a spinning OpenCV thread: 40 000 context switches a second per node in a
+  soak, CPU taken from the other node and the camera. The nodes run OpenCV in the calling
+  thread (1); ``LANE_SEG_OPENCV_THREADS`` overrides it (0: OpenCV's default).
 * :func:`lower_thread_priority`: per-thread niceness, for the ``worker_nice`` parameter.
 """
 
@@ -30,10 +35,14 @@ GIL_SWITCH_ENV = 'LANE_SEG_GIL_SWITCH_MS'
 GIL_SWITCH_DEFAULT_MS = 1.0
 GIL_SWITCH_RANGE_MS = (0.05, 100.0)
 
+OPENCV_THREADS_ENV = 'LANE_SEG_OPENCV_THREADS'
+OPENCV_THREADS_DEFAULT = 1
+OPENCV_THREADS_MAX = 256
+
 MALLOC_KEEP_ENV = 'LANE_SEG_MALLOC_KEEP_MB'
 # glibc refuses an mmap threshold above HEAP_MAX_SIZE / 2: 32 MiB on 64-bit systems.
 MALLOC_KEEP_MAX_MB = 32
-MALLOC_KEEP_DEFAULT_MB = 32
+MALLOC_KEEP_DEFAULT_MB = 8
 # mallopt() parameters, from glibc's <malloc.h>
 M_TRIM_THRESHOLD = -1
 M_MMAP_THRESHOLD = -3
@@ -69,6 +78,30 @@ def set_gil_switch_interval(environ=None, warn=None) -> float:
                         'milliseconds', 'ms', warn)
     sys.setswitchinterval(value / 1000.0)
     return value
+
+
+def set_opencv_threads(environ=None, warn=None, cv2=None):
+    """
+    Set OpenCV's thread count for a node process; return it (``None``: OpenCV's default).
+
+    ``LANE_SEG_OPENCV_THREADS`` overrides the default (1: everything in the calling thread);
+    0 leaves OpenCV's own default; a value that is not a whole number in [0, 256] is refused
+    with a warning through ``warn(text)`` and the default is used.
+    """
+    environ = os.environ if environ is None else environ
+    count = _env_number(environ, OPENCV_THREADS_ENV, OPENCV_THREADS_DEFAULT, 0,
+                        OPENCV_THREADS_MAX, 'threads', 'thread(s)', warn)
+    if count != int(count):
+        if warn is not None:
+            warn(f'{OPENCV_THREADS_ENV}={count:g} is not a whole number of threads; using '
+                 f'{OPENCV_THREADS_DEFAULT}')
+        count = OPENCV_THREADS_DEFAULT
+    if count == 0:
+        return None
+    if cv2 is None:
+        import cv2
+    cv2.setNumThreads(int(count))
+    return int(count)
 
 
 def _glibc():
@@ -111,9 +144,10 @@ def keep_large_buffers(environ=None, warn=None, libc=None):
 
 
 def tune_process(warn=None) -> dict:
-    """Apply the GIL switch interval and the malloc setting; return what was set."""
+    """Apply the GIL switch interval, the malloc and the OpenCV settings; return them."""
     return {'gil_switch_ms': set_gil_switch_interval(warn=warn),
-            'malloc_keep_mb': keep_large_buffers(warn=warn)}
+            'malloc_keep_mb': keep_large_buffers(warn=warn),
+            'opencv_threads': set_opencv_threads(warn=warn)}
 
 
 def lower_thread_priority(increment: int) -> int:

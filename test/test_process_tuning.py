@@ -18,7 +18,8 @@ from helpers import ros_domain_env
 from lane_seg.process_tuning import (GIL_SWITCH_DEFAULT_MS, GIL_SWITCH_ENV,
                                      keep_large_buffers, lower_thread_priority,
                                      M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MALLOC_KEEP_ENV,
-                                     set_gil_switch_interval)
+                                     OPENCV_THREADS_ENV, set_gil_switch_interval,
+                                     set_opencv_threads)
 import pytest
 
 DOMAIN_ID = (os.getpid() + 13) % 50 + 120
@@ -69,9 +70,9 @@ def faults_per_frame(keep_mb):
 @pytest.mark.skipif(not sys.platform.startswith('linux') or platform.libc_ver()[0] != 'glibc',
                     reason='the setting is for glibc malloc')
 def test_kept_buffers_take_frames_without_page_faults():
-    tuned = faults_per_frame('32')
+    tuned = faults_per_frame('')                   # the default
     untuned = faults_per_frame('0')
-    assert tuned['kept'] == 32 and untuned['kept'] is None
+    assert tuned['kept'] == 8 and untuned['kept'] is None
     assert tuned['frames'] == untuned['frames'] == 40
     # an 800x600 bgra8 frame spans 469 pages of 4 KiB: without the setting every frame's
     # buffers (the publisher's bytes, the middleware's and rclpy's copies) are fresh pages
@@ -93,21 +94,61 @@ class FakeLibc:
 def test_keep_large_buffers_setting_and_refusals():
     warnings = []
     libc = FakeLibc()
-    assert keep_large_buffers({}, warnings.append, libc) == 32
-    assert libc.calls == [(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20)]
-    libc.calls.clear()
-    assert keep_large_buffers({MALLOC_KEEP_ENV: ' 8 '}, warnings.append, libc) == 8
+    assert keep_large_buffers({}, warnings.append, libc) == 8
     assert libc.calls == [(M_MMAP_THRESHOLD, 8 << 20), (M_TRIM_THRESHOLD, 16 << 20)]
+    libc.calls.clear()
+    assert keep_large_buffers({MALLOC_KEEP_ENV: ' 32 '}, warnings.append, libc) == 32
+    assert libc.calls == [(M_MMAP_THRESHOLD, 32 << 20), (M_TRIM_THRESHOLD, 64 << 20)]
     libc.calls.clear()
     assert keep_large_buffers({MALLOC_KEEP_ENV: '0'}, warnings.append, libc) is None
     assert libc.calls == [] and warnings == []
     for bad in ('lots', '-1', '33', 'nan'):
-        assert keep_large_buffers({MALLOC_KEEP_ENV: bad}, warnings.append, libc) == 32
+        assert keep_large_buffers({MALLOC_KEEP_ENV: bad}, warnings.append, libc) == 8
     assert len(warnings) == 4
-    assert all(w.startswith(f'{MALLOC_KEEP_ENV}=') and 'using 32 MiB' in w for w in warnings)
+    assert all(w.startswith(f'{MALLOC_KEEP_ENV}=') and 'using 8 MiB' in w for w in warnings)
     warnings.clear()
     assert keep_large_buffers({}, warnings.append, FakeLibc(accept=False)) is None
     assert len(warnings) == 1 and 'mallopt refused' in warnings[0]
+
+
+def test_opencv_threads_default_override_and_refusals():
+    import cv2
+    before = cv2.getNumThreads()
+    warnings = []
+    try:
+        assert set_opencv_threads({}, warnings.append) == 1 and cv2.getNumThreads() == 1
+        assert set_opencv_threads({OPENCV_THREADS_ENV: '2'}, warnings.append) == 2
+        assert cv2.getNumThreads() == 2
+        assert set_opencv_threads({OPENCV_THREADS_ENV: '0'}, warnings.append) is None
+        assert cv2.getNumThreads() == 2 and warnings == []      # 0: left as it was
+        for bad in ('many', '-1', '1.5', '1000'):
+            assert set_opencv_threads({OPENCV_THREADS_ENV: bad}, warnings.append) == 1
+        assert len(warnings) == 4 and all(w.startswith(f'{OPENCV_THREADS_ENV}=')
+                                          for w in warnings)
+    finally:
+        cv2.setNumThreads(before)
+
+
+def test_node_processes_apply_every_setting():
+    # what a node's main() does, in a fresh interpreter: the settings as the process sees them
+    code = textwrap.dedent("""
+        import json, sys
+        import cv2
+        from lane_seg.process_tuning import tune_process
+        applied = tune_process(warn=print)
+        print(json.dumps({'applied': applied, 'switch': sys.getswitchinterval(),
+                          'cv2_threads': cv2.getNumThreads()}))
+    """)
+    env = {k: v for k, v in os.environ.items() if not k.startswith('LANE_SEG_')}
+    proc = subprocess.run([sys.executable, '-c', code], env=env, capture_output=True,
+                          text=True, timeout=60)
+    assert proc.returncode == 0, proc.stderr
+    seen = json.loads(proc.stdout.strip().splitlines()[-1])
+    assert seen['switch'] == pytest.approx(GIL_SWITCH_DEFAULT_MS / 1000.0)
+    assert seen['cv2_threads'] == 1
+    assert seen['applied']['opencv_threads'] == 1
+    glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
+    assert seen['applied']['malloc_keep_mb'] == (8 if glibc else None)
 
 
 def thread_nice(native_id):

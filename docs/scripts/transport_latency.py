@@ -6,7 +6,9 @@ One process publishes ``bgra8`` images of each size at ``--rate`` (stamped just 
 ``publish``, serialized bytes as the nodes and the synthetic camera send them); a second
 process subscribes (raw bytes, as the nodes do, or typed messages with ``--typed``) and
 records wall clock minus stamp in its callback. No inference, nothing else running: what issue
-6's per-frame wait can never go below on that machine. Prints a Markdown table, writes JSON.
+6's per-frame wait can never go below on that machine. Both processes apply the node
+processes' settings (``lane_seg.process_tuning``; ``--untuned`` leaves the interpreter's and C
+library's defaults, as before 2026-12-07). Prints a Markdown table, writes JSON.
 
     .venv/bin/python docs/scripts/transport_latency.py \
         --fastdds-profile config/fastdds_large_images.xml --sizes 64x64 300x400 600x800
@@ -33,6 +35,9 @@ def parse_args(argv=None):
     parser.add_argument('--count', type=int, default=300, help='images per size')
     parser.add_argument('--typed', action='store_true',
                         help='subscribe to sensor_msgs/Image messages instead of raw bytes')
+    parser.add_argument('--untuned', action='store_true',
+                        help="do not apply the node processes' settings (malloc, GIL switch "
+                        'interval, OpenCV threads) in the two processes')
     parser.add_argument('--fastdds-profile', metavar='XML',
                         help='FASTDDS_DEFAULT_PROFILES_FILE for both processes')
     parser.add_argument('--domain-id', type=int, default=79)
@@ -43,7 +48,10 @@ def parse_args(argv=None):
     return parser.parse_args(argv)
 
 
-def _node(name):
+def _node(name, untuned=False):
+    if not untuned:
+        from lane_seg.process_tuning import tune_process
+        tune_process(warn=print)
     import rclpy
     from rclpy.qos import HistoryPolicy, QoSProfile, ReliabilityPolicy
     rclpy.init()
@@ -55,7 +63,7 @@ def _node(name):
 def publish(args):
     from lane_seg.image_cdr import encode_image
     from sensor_msgs.msg import Image
-    rclpy, node, qos = _node('transport_latency_pub')
+    rclpy, node, qos = _node('transport_latency_pub', args.untuned)
     pub = node.create_publisher(Image, TOPIC, qos)
     height, width = map(int, args.size.split('x'))
     image = np.random.default_rng(0).integers(0, 256, (height, width, 4), np.uint8)
@@ -76,7 +84,7 @@ def publish(args):
 
 def subscribe(args):
     from sensor_msgs.msg import Image
-    rclpy, node, qos = _node('transport_latency_sub')
+    rclpy, node, qos = _node('transport_latency_sub', args.untuned)
     latencies = []
 
     def on_raw(raw):
@@ -109,7 +117,8 @@ def measure(args, size):
     if args.fastdds_profile:
         env['FASTDDS_DEFAULT_PROFILES_FILE'] = os.path.abspath(args.fastdds_profile)
     common = [sys.executable, __file__, '--size', size, '--rate', str(args.rate),
-              '--count', str(args.count)] + (['--typed'] if args.typed else [])
+              '--count', str(args.count)] + (['--typed'] if args.typed else []) + (
+                  ['--untuned'] if args.untuned else [])
     sub = subprocess.Popen(common + ['--role', 'sub'], env=env, stdout=subprocess.PIPE,
                            text=True)
     time.sleep(1.0)
@@ -126,7 +135,8 @@ def main(argv=None):
         return subscribe(args)
     rows = {}
     print(f'{platform.processor() or platform.machine()}, {os.cpu_count()} CPUs; '
-          f'{"typed" if args.typed else "raw"} subscription, profile '
+          f'{"typed" if args.typed else "raw"} subscription, '
+          f'{"untuned" if args.untuned else "node process settings"}, profile '
           f'{args.fastdds_profile or "(none)"}, {args.rate:g} Hz, {args.count} images per size')
     print('| image | MB | n | p50 ms | p95 ms | max ms |\n|---|---|---|---|---|---|')
     for size in args.sizes:

@@ -355,25 +355,28 @@ class PerceptionNode(Node):
             item = self._take()
             if item is None:
                 return
-            raw, seq, received, arrived_ns, parts = item
-            if self.pipeline is None:
-                with self._lock:
-                    self.stats.rejected_frame('no_pipeline')
-                continue
-            t0 = time.perf_counter()
-            queue_ms = (time.monotonic() - received) * 1e3
+            self._process_item(item)
+
+    def _process_item(self, item):
+        raw, seq, received, arrived_ns, parts = item
+        if self.pipeline is None:
+            with self._lock:
+                self.stats.rejected_frame('no_pipeline')
+            return
+        t0 = time.perf_counter()
+        queue_ms = (time.monotonic() - received) * 1e3
+        try:
+            msg = decode_image(raw)
+        except ImageConversionError as exc:
+            self.reject('malformed', str(exc))
+            return
+        try:
+            self._handle(msg, seq, t0, queue_ms, arrived_ns, parts)
+        except Exception as exc:  # a bug or engine failure on one frame: keep serving
             try:
-                msg = decode_image(raw)
-            except ImageConversionError as exc:
-                self.reject('malformed', str(exc))
-                continue
-            try:
-                self._handle(msg, seq, t0, queue_ms, arrived_ns, parts)
-            except Exception as exc:  # a bug or engine failure on one frame: keep serving
-                try:
-                    self.reject('pipeline_error', describe_error(exc), msg)
-                except Exception:  # never let the worker die
-                    pass
+                self.reject('pipeline_error', describe_error(exc), msg)
+            except Exception:  # never let the worker die
+                pass
 
     def _handle(self, msg, seq, t0, queue_ms, arrived_ns, parts):
         stamp = stamp_ns(msg.header)
