@@ -582,7 +582,10 @@ def main(argv=None):
     report = {
         'name': args.name,
         'machine': machine_info(),
-        'command': ' '.join([os.path.relpath(sys.executable, ROOT)]
+        # the node process settings (lane_seg.process_tuning) read LANE_SEG_* variables
+        'command': ' '.join([f'{k}={v}' for k, v in sorted(os.environ.items())
+                             if k.startswith('LANE_SEG_')]
+                            + [os.path.relpath(sys.executable, ROOT)]
                             + [os.path.relpath(os.path.abspath(__file__), ROOT)]
                             + (sys.argv[1:] if argv is None else list(argv))),
         'node_commands': {k: [os.path.relpath(v[0], ROOT)] + [
