@@ -29,7 +29,7 @@ from helpers import ros_domain_env
 from lane_seg.image_conversion import image_to_numpy, numpy_to_image
 from lane_seg.latency import Level
 from lane_seg.process_tuning import GIL_SWITCH_ENV
-from lane_seg.ros.base import CALLBACK_WITH_INFO
+from lane_seg.ros.base import CALLBACK_WITH_INFO, message_info_parts
 from lane_seg.ros.camera_sim_node import CameraSimNode
 from lane_seg.ros.flow_node import FlowNode, reset_kind
 from lane_seg.ros.lane_seg_node import LaneSegNode
@@ -453,6 +453,24 @@ def test_60hz_camera_against_a_slower_node_keeps_latency_bounded_and_counts_drop
     assert late < early + 0.05, (early, late)
     status = node.diagnostic_status()
     assert status.level == Level.WARN and 'frames dropped' in status.message
+
+
+def test_message_info_parts_read_what_is_there_and_never_fail():
+    info = {'source_timestamp': 1_000_000_000, 'received_timestamp': 1_000_500_000,
+            'publication_sequence_number': 7, 'reception_sequence_number': None,
+            'publisher_gid': {'implementation_identifier': 'rmw_fastrtps_cpp',
+                              'data': b'\x01\x02'}}
+    parts, publisher, sequence = message_info_parts(info, 1_002_000_000)
+    assert parts == {'middleware': 0.5, 'executor': 1.5, 'source_ns': 1_000_000_000}
+    assert publisher == b'\x01\x02' and sequence == 7
+    parts, _, _ = message_info_parts(info, 1_002_000_000, sim_time=True)
+    assert parts['source_ns'] is None and parts['executor'] == 1.5
+    # an rmw without timestamps or gid (zeros, missing keys), or something not a dict at all
+    assert message_info_parts({'source_timestamp': 0, 'received_timestamp': 0}, 5) == (
+        {}, None, None)
+    assert message_info_parts({'received_timestamp': 5, 'source_timestamp': 9}, 10)[0] == {}
+    for junk in (None, {}, 'info', 42, {'source_timestamp': 'soon'}, ['x']):
+        assert message_info_parts(junk, 10) == ({}, None, None)
 
 
 @pytest.mark.skipif(not CALLBACK_WITH_INFO, reason='rclpy gives no message info (Humble)')

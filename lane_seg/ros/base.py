@@ -50,6 +50,36 @@ ACCEPTED_ENCODINGS = ('bgr8', 'rgb8', 'bgra8', 'rgba8', 'mono8')
 CALLBACK_WITH_INFO = hasattr(Subscription, 'CallbackType')
 
 
+def message_info_parts(info, wall_ns: int, sim_time: bool = False):
+    """
+    Read rclpy's message info: ``(transport parts, publisher key, sequence number)``.
+
+    The parts are ``middleware`` (the publisher's write to reception, ms) and ``executor``
+    (reception to ``wall_ns``, ms), and ``source_ns``, the write time on the system clock
+    (``None`` under sim time: the header stamp does not compare with it). Anything missing
+    or malformed (another rmw, an older rclpy) gives ``{}`` / ``None`` instead of an error:
+    the callback must never fail on it.
+    """
+    parts, publisher, sequence = {}, None, None
+    if not info:
+        return parts, publisher, sequence
+    try:
+        source = int(info.get('source_timestamp') or 0)
+        received = int(info.get('received_timestamp') or 0)
+        if source > 0 and received >= source:
+            parts = {'middleware': (received - source) / 1e6,
+                     'executor': (wall_ns - received) / 1e6,
+                     'source_ns': None if sim_time else source}
+        gid = info.get('publisher_gid')
+        if isinstance(gid, dict) and gid.get('data') is not None:
+            publisher = bytes(gid['data'])
+        number = info.get('publication_sequence_number')
+        sequence = None if number is None else int(number)
+    except (AttributeError, TypeError, ValueError):
+        return {}, None, None
+    return parts, publisher, sequence
+
+
 def stamp_ns(header) -> int:
     return int(header.stamp.sec) * 1_000_000_000 + int(header.stamp.nanosec)
 
@@ -211,20 +241,8 @@ class PerceptionNode(Node):
         wall_ns = time.time_ns()
         clock = self.get_clock()
         arrived_ns = clock.now().nanoseconds
-        parts, publisher, sequence = {}, None, None
-        if info:
-            # The middleware's timestamps are on the system clock: the header stamp compares
-            # with them only when the node clock is the system clock too (no sim time).
-            source = info.get('source_timestamp') or 0
-            received = info.get('received_timestamp') or 0
-            if source > 0 and received >= source:
-                parts['middleware'] = (received - source) / 1e6
-                parts['executor'] = (wall_ns - received) / 1e6
-                sim_time = getattr(clock, 'ros_time_is_active', False)
-                parts['source_ns'] = None if sim_time else source
-            gid = info.get('publisher_gid')
-            publisher = bytes(gid['data']) if isinstance(gid, dict) and 'data' in gid else None
-            sequence = info.get('publication_sequence_number')
+        sim_time = getattr(clock, 'ros_time_is_active', False)
+        parts, publisher, sequence = message_info_parts(info, wall_ns, sim_time)
         with self._lock:
             self._receive_seq += 1
             self.stats.received(now)
