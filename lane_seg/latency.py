@@ -3,8 +3,9 @@ Latency and health statistics of a perception node (pure: no rclpy, no message t
 
 A node feeds one :class:`LatencyStats` with what happens to its frames: ``received`` when a
 message arrives, ``dropped`` when an unprocessed frame is overwritten by a newer one, ``lost``
-when the publisher wrote frames that never reached the node (gaps in its publication sequence
-numbers, see :class:`SequenceGaps`: the middleware's depth-1 history overwrote them),
+when the publisher wrote frames that never reached the node's callback (gaps in its
+publication sequence numbers, see :class:`SequenceGaps`: overwritten in the middleware's
+depth-1 queue, or lost in transport),
 ``rejected`` (with a reason) when a frame cannot be used, ``processed`` with the per-stage
 times, the end-to-end latency (node clock minus header stamp) and where a frame waited before
 processing (``transport``: header stamp to the subscription callback, i.e. the publisher,
@@ -190,6 +191,7 @@ class LatencyStats:
         self.processed_total = 0
         self.dropped_total = 0
         self.lost_total = 0
+        self.lost_counted = False   # whether the middleware lets the node count lost frames
         self.rejected = Counter()
         self.events = Counter()
         self.last_received_at = None
@@ -215,7 +217,14 @@ class LatencyStats:
         self._dropped.add(now, count)
 
     def lost(self, count: int = 1, now: float = None):
-        """Count frames that were published but never reached the node (see SequenceGaps)."""
+        """
+        Count frames that were published but never reached the node (see SequenceGaps).
+
+        Any call, ``count`` 0 included, marks lost frames as counted: the diagnostics show
+        ``frames_lost`` from then on (a node whose middleware gives no sequence numbers and
+        publisher ids never calls it, and shows no such figure rather than a false 0).
+        """
+        self.lost_counted = True
         if count <= 0:
             return
         now = self._now(now)
@@ -325,8 +334,8 @@ class LatencyStats:
             'processed': self.processed_total,
             'dropped': self.dropped_total,
             'dropped_in_window': self.dropped_in_window(now),
-            'lost': self.lost_total,
-            'lost_in_window': self.lost_in_window(now),
+            'lost': self.lost_total if self.lost_counted else None,
+            'lost_in_window': self.lost_in_window(now) if self.lost_counted else None,
             'rejected': dict(self.rejected),
             'events': dict(self.events),
             'input_rate_hz': self.input_rate(now),
@@ -371,7 +380,8 @@ class LatencyStats:
         if lost:
             level = max(level, Level.WARN)
             problems.append(f'{lost} frames lost before the callback (overwritten in the '
-                            f'subscription queue) in the last {self.window_s:g} s')
+                            f'subscription queue or lost in transport) in the last '
+                            f'{self.window_s:g} s')
         if problems:
             message = '; '.join(problems)
         elif self.last_received_at is None:
@@ -390,8 +400,9 @@ class LatencyStats:
         yield 'frames_processed', str(self.processed_total)
         yield 'frames_dropped', str(self.dropped_total)
         yield 'frames_dropped_in_window', str(dropped)
-        yield 'frames_lost', str(self.lost_total)
-        yield 'frames_lost_in_window', str(lost)
+        if self.lost_counted:
+            yield 'frames_lost', str(self.lost_total)
+            yield 'frames_lost_in_window', str(lost)
         yield 'frames_rejected', str(sum(self.rejected.values()))
         for reason in sorted(self.rejected):
             yield f'rejected.{reason}', str(self.rejected[reason])

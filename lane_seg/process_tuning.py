@@ -1,7 +1,7 @@
 """
 Process settings of a node process that the interpreter and the C library get wrong for it.
 
-Four knobs, each measured at 30 Hz of 800x600 ``bgra8`` frames on 2 cores
+Four knobs, the first three measured at 30 Hz of 800x600 ``bgra8`` frames on 2 cores
 (``docs/bench/node_soak.md``); no rclpy import:
 
 * :func:`set_gil_switch_interval`: Python hands the GIL from a busy thread to a waiting one
@@ -118,13 +118,14 @@ def keep_large_buffers(environ=None, warn=None, libc=None):
     """
     Make glibc's ``malloc`` reuse freed blocks of up to N MiB instead of returning them.
 
-    N is ``LANE_SEG_MALLOC_KEEP_MB`` (default 32, the most glibc accepts; 0 leaves the C
-    library's defaults). Blocks up to N MiB are then served from the heap (mmap threshold N
-    MiB) and the heap keeps up to 2N MiB free at its top (trim threshold), so a node's
-    per-frame buffers reuse pages that are already mapped. The cost is that much more resident
-    memory at most. Returns N when set, ``None`` where it is not (not glibc, 0, or ``mallopt``
-    refused: said through ``warn``). A value that is not a number in [0, 32] is refused with a
-    warning and the default is used.
+    N is ``LANE_SEG_MALLOC_KEEP_MB`` (default 8; at most 32, the most glibc accepts; 0 leaves
+    the C library's defaults; 32 let the nodes' memory grow by 72 MiB in 10 minutes). Blocks
+    up to N MiB are then served from the heap (mmap threshold N MiB) and the heap keeps up to
+    2N MiB free at its top (trim threshold), so a node's per-frame buffers reuse pages that
+    are already mapped. The cost is more resident memory, bounded per malloc arena. Returns N
+    when set, ``None`` where it is not (not glibc, 0, or ``mallopt`` refused: said through
+    ``warn``). A value that is not a number in [0, 32] is refused with a warning and the
+    default is used.
     """
     environ = os.environ if environ is None else environ
     size_mb = _env_number(environ, MALLOC_KEEP_ENV, MALLOC_KEEP_DEFAULT_MB, 0,
@@ -135,11 +136,13 @@ def keep_large_buffers(environ=None, warn=None, libc=None):
     if libc is None:
         return None
     size = int(size_mb * 1024 * 1024)
-    if not (libc.mallopt(M_MMAP_THRESHOLD, size) and libc.mallopt(M_TRIM_THRESHOLD, 2 * size)):
-        if warn is not None:
-            warn(f'mallopt refused an mmap threshold of {size_mb:g} MiB; large buffers are '
-                 f'mapped afresh for every frame')
-        return None
+    for name, param, value in (('mmap threshold', M_MMAP_THRESHOLD, size),
+                               ('trim threshold', M_TRIM_THRESHOLD, 2 * size)):
+        if not libc.mallopt(param, value):
+            if warn is not None:
+                warn(f'mallopt refused a {name} of {value / 2 ** 20:g} MiB; large buffers may '
+                     f'be mapped afresh for every frame')
+            return None
     return size_mb
 
 

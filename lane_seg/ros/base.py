@@ -46,8 +46,12 @@ ACCEPTED_ENCODINGS = ('bgr8', 'rgb8', 'bgra8', 'rgba8', 'mono8')
 
 # rclpy passes a message info (the middleware's source and reception timestamps, the
 # publisher's sequence number) to a callback of two arguments since Iron; Humble's calls every
-# callback with the message alone.
+# callback with the message alone. The publisher's id, without which sequence numbers of
+# several publishers cannot be told apart, is in it since Kilted (rclpy 9.1.1): only then are
+# lost frames counted.
 CALLBACK_WITH_INFO = hasattr(Subscription, 'CallbackType')
+LOST_FRAMES_COUNTED = CALLBACK_WITH_INFO and 'publisher_gid' in getattr(
+    getattr(rclpy.subscription, 'MessageInfo', None), '__annotations__', {})
 
 
 def message_info_parts(info, wall_ns: int, sim_time: bool = False):
@@ -246,7 +250,8 @@ class PerceptionNode(Node):
         with self._lock:
             self._receive_seq += 1
             self.stats.received(now)
-            self.stats.lost(self._gaps.update(publisher, sequence), now)
+            if publisher is not None and sequence is not None:
+                self.stats.lost(self._gaps.update(publisher, sequence), now)
             if self.stats.startup_failure is not None:
                 self.stats.rejected_frame('no_pipeline', now)
                 return
@@ -470,7 +475,9 @@ def level_name(level) -> str:
 def spin_node(node_cls, args=None) -> int:
     """Run a node as ``main()`` does: init, spin, portable shutdown (Humble to Kilted)."""
     name = getattr(node_cls, 'NODE_NAME', node_cls.__name__)
-    tune_process(warn=rclpy.logging.get_logger(name).warning)
+    logger = rclpy.logging.get_logger(name)
+    applied = tune_process(warn=logger.warning)
+    logger.info('process settings: ' + ', '.join(f'{k}={v}' for k, v in applied.items()))
     rclpy.init(args=args)
     node = None
     code = 0

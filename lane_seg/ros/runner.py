@@ -137,8 +137,9 @@ def run(params, duration: float = 5.0, out='out/run', pictures: int = 4,
     camera = camera_topic_from_params(params)
     remap = ['--ros-args', '-r', f'image:={camera}/image',
              '-r', f'camera_info:={camera}/camera_info']
-    switch_interval = sys.getswitchinterval()   # restored at the end: run() is a library call
-    # the GIL switch interval is restored at the end; the malloc setting stays (process-wide)
+    # run() is a library call: the switch interval and OpenCV's threads are put back at the
+    # end; the malloc setting stays (it cannot be undone, and it only keeps memory mapped)
+    switch_interval, opencv_threads = sys.getswitchinterval(), cv2.getNumThreads()
     tune_process(warn=rclpy.logging.get_logger('lane_seg_run').warning)
     context = Context()
     rclpy.init(args=['--ros-args', '--params-file', str(params)], context=context)
@@ -189,6 +190,7 @@ def run(params, duration: float = 5.0, out='out/run', pictures: int = 4,
             node.destroy_node()
         rclpy.try_shutdown(context=context)
         sys.setswitchinterval(switch_interval)
+        cv2.setNumThreads(opencv_threads)
     summary['outputs'] = sorted({p.name for p in out.iterdir()} | {'summary.json'})
     (out / 'summary.json').write_text(json.dumps(summary, indent=2) + '\n')
     return summary
