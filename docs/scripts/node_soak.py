@@ -71,6 +71,10 @@ def parse_args(argv=None):
                         'started the nodes (they keep 0): its output subscriptions (a 3.8 MB '
                         'flow image per frame) compete with the nodes for the 2 cores '
                         '(default 0)')
+    parser.add_argument('--listener-settings', action='store_true',
+                        help="apply the node processes' settings (lane_seg.process_tuning: "
+                        'malloc, GIL switch interval, OpenCV threads) to the listener too '
+                        '(default: off, the listener as in the runs before 2026-12-07)')
     parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
                         help="the nodes' worker_nice parameter (niceness of their worker "
                         "threads); default: the nodes' own (0)")
@@ -97,6 +101,16 @@ def node_commands(args):
         if args.worker_nice is not None:
             cmds[node] += ['-p', f'worker_nice:={args.worker_nice}']
     return cmds
+
+
+def cpu_seconds(pid):
+    """User plus system CPU time of a process in seconds from /proc (None if gone)."""
+    try:
+        with open(f'/proc/{pid}/stat') as f:
+            fields = f.read().rsplit(')', 1)[1].split()
+        return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
+    except (OSError, IndexError, ValueError):
+        return None
 
 
 def rss_mb(pid):
@@ -448,6 +462,9 @@ def write_markdown(path, report):
               '| process | first | last | max |', '|---|---|---|---|']
     for name, v in res['rss'].items():
         lines.append(f'| {name} | {fmt(v["first"])} | {fmt(v["last"])} | {fmt(v["max"])} |')
+    if report.get('cpu_percent_of_a_core'):
+        lines += ['', 'CPU over the measured time, % of one core (2 cores = 200 %): ' + ', '.join(
+            f'{k} {fmt(v)}' for k, v in report['cpu_percent_of_a_core'].items()) + '.']
     lines += ['', f'![RSS and end-to-end p95 over time]({report["name"]}.png)', '',
               'Exit of the node processes: ' + ', '.join(
                   f'{k} {v["returncode"]} ({v["how"]})' for k, v in report['exit'].items()),
@@ -509,6 +526,9 @@ def main(argv=None):
              for name, cmd in cmds.items()}
     if args.listener_nice:
         os.nice(args.listener_nice)
+    if args.listener_settings:
+        from lane_seg.process_tuning import tune_process
+        print('listener process settings:', tune_process(warn=print), flush=True)
     rclpy.init(args=[])
     listener = Listener()
     executor = SingleThreadedExecutor()
@@ -538,6 +558,8 @@ def main(argv=None):
         warmup_s = time.monotonic() - t_start
         listener.recording = True
         t0 = time.monotonic()
+        pids = dict({name: p.pid for name, p in procs.items()}, node_soak_listener=os.getpid())
+        cpu_start = {name: cpu_seconds(pid) for name, pid in pids.items()}
         next_diag = t0
         next_rss = t0
         last_print = t0
@@ -571,6 +593,12 @@ def main(argv=None):
                 if proc.poll() is not None:
                     raise RuntimeError(f'{name} exited with {proc.returncode}')
         t_end = time.monotonic()
+        cpu_end = {name: cpu_seconds(pid) for name, pid in pids.items()}
+        cpu_percent = {name: None if cpu_start[name] is None or cpu_end[name] is None else
+                       round(100.0 * (cpu_end[name] - cpu_start[name]) / (t_end - t0), 1)
+                       for name in pids}
+        print('CPU % of one core over the measurement: ' + ', '.join(
+            f'{k} {v}' for k, v in cpu_percent.items()), flush=True)
     finally:
         exit_codes = stop(procs)
         for f in logs.values():
@@ -596,6 +624,7 @@ def main(argv=None):
         'measured_s': t_end - t0,
         't0': t0,
         'exit': exit_codes,
+        'cpu_percent_of_a_core': cpu_percent,
         'diag_samples': diag_samples,
         'rss_samples': rss_samples,
         'measured_end_s': t_end - t0,
