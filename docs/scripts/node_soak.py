@@ -75,6 +75,9 @@ def parse_args(argv=None):
                         help="apply the node processes' settings (lane_seg.process_tuning: "
                         'malloc, GIL switch interval, OpenCV threads) to the listener too '
                         '(default: off, the listener as in the runs before 2026-12-07)')
+    parser.add_argument('--pin-nodes', action='store_true',
+                        help='pin every thread of lane_seg_node to CPU 0 and of flow_node to '
+                        'CPU 1 once they run (the camera and the listener stay unpinned)')
     parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
                         help="the nodes' worker_nice parameter (niceness of their worker "
                         "threads); default: the nodes' own (0)")
@@ -111,6 +114,12 @@ def cpu_seconds(pid):
         return (int(fields[11]) + int(fields[12])) / os.sysconf('SC_CLK_TCK')
     except (OSError, IndexError, ValueError):
         return None
+
+
+def pin_process(pid, cpu):
+    """Set the CPU affinity of every thread of a process (threads started later inherit)."""
+    for tid in os.listdir(f'/proc/{pid}/task'):
+        os.sched_setaffinity(int(tid), {cpu})
 
 
 def rss_mb(pid):
@@ -549,6 +558,11 @@ def main(argv=None):
                     for n in NODES):
                 ready_at = now
                 print(f'nodes at rate after {now - t_start:.1f} s', flush=True)
+                if args.pin_nodes:
+                    for cpu, name in enumerate(NODES):
+                        pin_process(procs[name].pid, cpu)
+                    print('pinned: ' + ', '.join(f'{n} to CPU {c}' for c, n in enumerate(NODES)),
+                          flush=True)
             if ready_at is not None and now - ready_at >= args.warmup:
                 break
             if now - t_start > 120.0:
