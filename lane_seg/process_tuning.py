@@ -23,6 +23,9 @@ Four knobs, the first three measured at 30 Hz of 800x600 ``bgra8`` frames on 2 c
   soak, CPU taken from the other node and the camera. The nodes run OpenCV in the calling
   thread (1); ``LANE_SEG_OPENCV_THREADS`` overrides it (0: OpenCV's default).
 * :func:`lower_thread_priority`: per-thread niceness, for the ``worker_nice`` parameter.
+
+And :func:`pin_process` for the nodes' ``cpu_affinity`` parameter: on 2 cores, one core per
+node cut the per-frame wait p95 from 5.7-6.8 to 3.7-4.7 ms in interleaved soaks.
 """
 
 import ctypes
@@ -168,3 +171,50 @@ def lower_thread_priority(increment: int) -> int:
     nice = min(19, os.getpriority(os.PRIO_PROCESS, tid) + int(increment))
     os.setpriority(os.PRIO_PROCESS, tid, nice)
     return os.getpriority(os.PRIO_PROCESS, tid)
+
+
+def parse_cpu_list(text: str) -> frozenset:
+    """
+    Parse a CPU list as ``taskset -c`` takes it (``'0'``, ``'0,2'``, ``'0-3'``); '' is empty.
+
+    Raises ``ValueError`` naming what is wrong: not a list of CPU numbers and ranges, or CPUs
+    this process may not run on (``os.sched_getaffinity``).
+    """
+    text = str(text).strip()
+    if not text:
+        return frozenset()
+    cpus = set()
+    for part in text.split(','):
+        part = part.strip()
+        low, dash, high = part.partition('-')
+        try:
+            first, last = int(low), int(high if dash else low)
+        except ValueError:
+            raise ValueError(f'{text!r} is not a CPU list such as 0 or 0,2 or 0-3') from None
+        if first < 0 or last < first:
+            raise ValueError(f'{part!r} in {text!r} is not a CPU number or a rising range')
+        cpus.update(range(first, last + 1))
+    allowed = os.sched_getaffinity(0) if hasattr(os, 'sched_getaffinity') else None
+    if allowed is not None and not cpus <= allowed:
+        raise ValueError(f'CPU(s) {sorted(cpus - allowed)} not available to this process '
+                         f'(allowed: {sorted(allowed)})')
+    return frozenset(cpus)
+
+
+def pin_process(cpus) -> list:
+    """
+    Set the CPU affinity of every thread of this process to ``cpus``; return the thread ids.
+
+    Threads started afterwards inherit it. Raises ``OSError`` where affinity cannot be set
+    (not Linux).
+    """
+    if not sys.platform.startswith('linux') or not hasattr(os, 'sched_setaffinity'):
+        raise OSError(f'CPU affinity per thread is a Linux feature, not available on '
+                      f'{sys.platform}')
+    tids = sorted(int(t) for t in os.listdir('/proc/self/task'))
+    for tid in tids:
+        try:
+            os.sched_setaffinity(tid, set(cpus))
+        except ProcessLookupError:   # a thread that ended meanwhile
+            pass
+    return tids

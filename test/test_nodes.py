@@ -1201,3 +1201,31 @@ def test_lane_seg_run_with_the_shipped_models(tmp_path):
                           env=dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
     assert proc.returncode == 0, proc.stderr
     assert (tmp_path / 'summary.json').is_file()
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or len(os.sched_getaffinity(0)) < 2,
+                    reason='CPU affinity: Linux, two CPUs at least')
+def test_cpu_affinity_pins_every_thread_of_the_node_process_and_refuses_foreign_cpus(graph):
+    cpu = max(os.sched_getaffinity(0))
+    diags = graph.collect('/diagnostics', DiagnosticArray)
+    proc = start([str(BIN / 'lane_seg_node'), '--ros-args', '-p', f"cpu_affinity:='{cpu}'",
+                  '-p', 'model_path:=/nonexistent/lane_model.onnx'])
+    try:
+        wait_until(lambda: any(s.hardware_id == 'lane_seg_node' for a in diags
+                               for s in a.status), timeout=10.0, what='diagnostics')
+        allowed = {}
+        for tid in os.listdir(f'/proc/{proc.pid}/task'):
+            try:
+                allowed[tid] = os.sched_getaffinity(int(tid))
+            except ProcessLookupError:
+                pass
+    finally:
+        code, output = stop(proc)
+    assert code == 0, output
+    assert len(allowed) > 5          # the executor, the worker and the middleware's threads
+    assert set(map(frozenset, allowed.values())) == {frozenset({cpu})}, allowed
+    assert f'process pinned to CPU(s) {cpu}' in output
+    bad = subprocess.run([str(BIN / 'lane_seg_node'), '--ros-args', '-p',
+                          "cpu_affinity:='0-4095'"], capture_output=True, text=True, timeout=30,
+                         env=dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
+    assert bad.returncode == 2 and 'not available to this process' in bad.stderr

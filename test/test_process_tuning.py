@@ -18,8 +18,8 @@ from helpers import ros_domain_env
 from lane_seg.process_tuning import (GIL_SWITCH_DEFAULT_MS, GIL_SWITCH_ENV,
                                      keep_large_buffers, lower_thread_priority,
                                      M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MALLOC_KEEP_ENV,
-                                     OPENCV_THREADS_ENV, set_gil_switch_interval,
-                                     set_opencv_threads)
+                                     OPENCV_THREADS_ENV, parse_cpu_list,
+                                     set_gil_switch_interval, set_opencv_threads)
 import pytest
 
 DOMAIN_ID = (os.getpid() + 13) % 50 + 120
@@ -200,3 +200,17 @@ def test_gil_switch_interval_default_override_and_refusals(switch_interval):
         assert sys.getswitchinterval() == pytest.approx(0.001)
     assert len(warnings) == 6
     assert all(w.startswith(f'{GIL_SWITCH_ENV}=') and 'using 1 ms' in w for w in warnings)
+
+
+def test_cpu_lists_parse_like_taskset_and_name_what_is_wrong():
+    assert parse_cpu_list('') == frozenset() and parse_cpu_list('  ') == frozenset()
+    first = min(os.sched_getaffinity(0)) if hasattr(os, 'sched_getaffinity') else 0
+    assert parse_cpu_list(str(first)) == {first}
+    assert parse_cpu_list(f' {first} , {first}-{first} ') == {first}
+    for bad, why in (('x', 'not a CPU list'), ('1-0', 'rising range'), ('-1', 'not a CPU'),
+                     ('0,,1', 'not a CPU list')):
+        with pytest.raises(ValueError, match=why):
+            parse_cpu_list(bad)
+    if hasattr(os, 'sched_getaffinity'):
+        with pytest.raises(ValueError, match='not available to this process'):
+            parse_cpu_list('100000')

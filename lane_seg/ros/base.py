@@ -29,7 +29,8 @@ from lane_seg.image_cdr import decode_image, encode_like
 from lane_seg.image_conversion import (image_to_numpy, ImageConversionError,
                                        SUPPORTED_ENCODINGS)
 from lane_seg.latency import LatencyStats, Level, SequenceGaps, Status
-from lane_seg.process_tuning import lower_thread_priority, tune_process
+from lane_seg.process_tuning import (lower_thread_priority, parse_cpu_list, pin_process,
+                                     tune_process)
 import numpy as np
 import rclpy
 from rclpy.executors import ExternalShutdownException
@@ -197,6 +198,8 @@ class PerceptionNode(Node):
         self.throttled = ThrottledLog(self.get_logger())
         self.params = NodeParameters(self, self.SPECS, self.CONFIG, self._params_changed)
         cfg = self.params.config
+        if cfg.cpu_affinity:
+            self._pin(parse_cpu_list(cfg.cpu_affinity))
         callback = self._on_image_with_info if CALLBACK_WITH_INFO else self._on_image
         self.subscription = self.create_subscription(
             Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True)
@@ -210,6 +213,15 @@ class PerceptionNode(Node):
         self._worker = threading.Thread(target=self._run, name=f'{node_name}_worker',
                                         daemon=True)
         self._worker.start()
+
+    def _pin(self, cpus):
+        """Run this process (all its threads, and those started later) on ``cpus``."""
+        try:
+            pin_process(cpus)
+        except OSError as exc:
+            self.get_logger().warning(f'cpu_affinity not applied: {describe_error(exc)}')
+            return
+        self.get_logger().info(f'process pinned to CPU(s) {", ".join(map(str, sorted(cpus)))}')
 
     # -- for subclasses ------------------------------------------------------------------
     def create_outputs(self, cfg):

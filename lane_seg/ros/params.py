@@ -14,6 +14,7 @@ from dataclasses import dataclass, fields, replace
 import math
 import threading
 
+from lane_seg.process_tuning import parse_cpu_list
 from rcl_interfaces.msg import (FloatingPointRange, IntegerRange, ParameterDescriptor,
                                 SetParametersResult)
 
@@ -100,6 +101,14 @@ def _check_topic(value):
     return None
 
 
+def _check_cpus(value):
+    try:
+        parse_cpu_list(value)
+    except ValueError as exc:
+        return str(exc)
+    return None
+
+
 def _common(latency_budget_ms):
     return (
         Spec('model_path', '', 'ONNX model (or cached TensorRT engine); empty: the shipped '
@@ -121,6 +130,10 @@ def _common(latency_budget_ms):
              'publishing; engine threads it starts inherit it), so that the subscription '
              'and middleware threads get a core first when a frame arrives (Linux); 0: same '
              'priority as the node', bounds=(0, 19), read_only=True),
+        Spec('cpu_affinity', '', "CPUs the node's process runs on, as taskset -c takes them "
+             "(e.g. '0' or '0-1'); '': any. With as few cores as nodes, one core per node "
+             'keeps its executor and worker threads together (Linux; in one process, the '
+             "last node's setting applies to all)", check=_check_cpus, read_only=True),
     )
 
 
@@ -189,6 +202,7 @@ class LaneSegParams(_Config):
     qos_reliability: str
     output_qos_reliability: str
     worker_nice: int
+    cpu_affinity: str
     threshold: float
     roi: tuple
     input_size: tuple
@@ -219,6 +233,7 @@ class FlowParams(_Config):
     qos_reliability: str
     output_qos_reliability: str
     worker_nice: int
+    cpu_affinity: str
     max_gap_s: float
     publish_vis: bool
     vis_scale: float
