@@ -5,7 +5,9 @@ The synthetic drive through both perception nodes: ``ros2 launch lane_seg sim.la
 ground truth, which the nodes use for live IoU / EPE); ``lane_seg_node`` and ``flow_node``
 subscribe to it. Parameters come from ``config/sim.yaml``. Arguments: ``backend``,
 ``lane_model``, ``flow_model``, ``use_sim_time``, ``rviz``, ``large_image_transport`` (the Fast
-DDS profile ``config/fastdds_large_images.xml`` for all three processes; default true).
+DDS profile ``config/fastdds_large_images.xml`` for all three processes; default true),
+``lane_cpus`` and ``flow_cpus`` (the nodes' ``cpu_affinity``: on 2 cores ``lane_cpus:=0
+flow_cpus:=1`` gives each node its core; default: any CPU).
 """
 
 import os
@@ -30,6 +32,8 @@ def generate_launch_description():
     backend = ParameterValue(LaunchConfiguration('backend'), value_type=str)
     lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
+    lane_cpus = ParameterValue(LaunchConfiguration('lane_cpus'), value_type=str)
+    flow_cpus = ParameterValue(LaunchConfiguration('flow_cpus'), value_type=str)
     return LaunchDescription([
         DeclareLaunchArgument('large_image_transport', default_value='true',
                               description='Fast DDS profile config/fastdds_large_images.xml '
@@ -48,17 +52,21 @@ def generate_launch_description():
                               description='follow /clock'),
         DeclareLaunchArgument('rviz', default_value='false',
                               description='start RViz with config/lane_seg.rviz'),
+        DeclareLaunchArgument('lane_cpus', default_value='',
+                              description="lane_seg_node's cpu_affinity (e.g. 0); empty: any"),
+        DeclareLaunchArgument('flow_cpus', default_value='',
+                              description="flow_node's cpu_affinity (e.g. 1); empty: any"),
         Node(package='lane_seg', executable='camera_sim_node', name='camera_sim_node',
              parameters=[params, {'use_sim_time': use_sim_time}], output='screen'),
         Node(package='lane_seg', executable='lane_seg_node', name='lane_seg_node',
              parameters=[params, {'backend': backend, 'model_path': lane_model,
-                                  'use_sim_time': use_sim_time}],
+                                  'cpu_affinity': lane_cpus, 'use_sim_time': use_sim_time}],
              remappings=[('image', CAMERA + '/image'),
                          ('camera_info', CAMERA + '/camera_info')],
              output='screen'),
         Node(package='lane_seg', executable='flow_node', name='flow_node',
              parameters=[params, {'backend': backend, 'model_path': flow_model,
-                                  'use_sim_time': use_sim_time}],
+                                  'cpu_affinity': flow_cpus, 'use_sim_time': use_sim_time}],
              remappings=[('image', CAMERA + '/image')],
              output='screen'),
         Node(package='rviz2', executable='rviz2', name='rviz2',
