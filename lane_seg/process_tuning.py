@@ -201,17 +201,17 @@ def parse_cpu_list(text: str) -> frozenset:
     return frozenset(cpus)
 
 
-def pin_process(cpus) -> list:
+def pin_process(cpus, pid='self') -> list:
     """
-    Set the CPU affinity of every thread of this process to ``cpus``; return the thread ids.
+    Set the CPU affinity of every thread of a process (this one by default) to ``cpus``.
 
-    Threads started afterwards inherit it. Raises ``OSError`` where affinity cannot be set
-    (not Linux).
+    Returns the thread ids. Threads started afterwards inherit it. Raises ``OSError`` where
+    affinity cannot be set (not Linux).
     """
     if not sys.platform.startswith('linux') or not hasattr(os, 'sched_setaffinity'):
         raise OSError(f'CPU affinity per thread is a Linux feature, not available on '
                       f'{sys.platform}')
-    tids = sorted(int(t) for t in os.listdir('/proc/self/task'))
+    tids = sorted(int(t) for t in os.listdir(f'/proc/{pid}/task'))
     for tid in tids:
         try:
             os.sched_setaffinity(tid, set(cpus))

@@ -55,3 +55,8 @@ def docs_script(name):
     module = importlib.util.module_from_spec(spec)
     spec.loader.exec_module(module)
     return module
+
+
+def thread_nice(native_id):
+    """Return the niceness of one thread (Linux: niceness is per thread)."""
+    return os.getpriority(os.PRIO_PROCESS, native_id)

@@ -25,7 +25,7 @@ import time
 import types
 
 from diagnostic_msgs.msg import DiagnosticArray
-from helpers import ros_domain_env
+from helpers import ros_domain_env, thread_nice
 from lane_seg.image_conversion import image_to_numpy, numpy_to_image
 from lane_seg.latency import Level
 from lane_seg.process_tuning import GIL_SWITCH_ENV
@@ -1077,10 +1077,6 @@ def test_bad_parameter_value_at_start_up_exits_with_the_reason():
                           env=dict(os.environ, ROS_DOMAIN_ID=str(DOMAIN_ID)))
     assert proc.returncode == 2, proc.stderr
     assert 'lane_seg_node cannot start' in proc.stderr and 'threshold' in proc.stderr
-
-
-def thread_nice(native_id):
-    return os.getpriority(os.PRIO_PROCESS, native_id)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='per-thread niceness: Linux')

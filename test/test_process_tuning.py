@@ -14,7 +14,7 @@ import sys
 import textwrap
 import threading
 
-from helpers import ros_domain_env
+from helpers import ros_domain_env, thread_nice
 from lane_seg.process_tuning import (GIL_SWITCH_DEFAULT_MS, GIL_SWITCH_ENV,
                                      keep_large_buffers, lower_thread_priority,
                                      M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MALLOC_KEEP_ENV,
@@ -57,10 +57,8 @@ FAULTS_PER_FRAME = textwrap.dedent("""
 
 
 def faults_per_frame(keep_mb):
-    env = dict(os.environ, **{MALLOC_KEEP_ENV: keep_mb})
     with ros_domain_env(DOMAIN_ID):
-        env.update(ROS_DOMAIN_ID=os.environ['ROS_DOMAIN_ID'],
-                   ROS_AUTOMATIC_DISCOVERY_RANGE='LOCALHOST')
+        env = dict(os.environ, **{MALLOC_KEEP_ENV: keep_mb})
         proc = subprocess.run([sys.executable, '-c', FAULTS_PER_FRAME], env=env,
                               capture_output=True, text=True, timeout=120)
     assert proc.returncode == 0, proc.stderr
@@ -149,10 +147,6 @@ def test_node_processes_apply_every_setting():
     assert seen['applied']['opencv_threads'] == 1
     glibc = sys.platform.startswith('linux') and platform.libc_ver()[0] == 'glibc'
     assert seen['applied']['malloc_keep_mb'] == (8 if glibc else None)
-
-
-def thread_nice(native_id):
-    return os.getpriority(os.PRIO_PROCESS, native_id)
 
 
 @pytest.mark.skipif(not sys.platform.startswith('linux'), reason='per-thread niceness: Linux')

@@ -116,12 +116,6 @@ def cpu_seconds(pid):
         return None
 
 
-def pin_process(pid, cpu):
-    """Set the CPU affinity of every thread of a process (threads started later inherit)."""
-    for tid in os.listdir(f'/proc/{pid}/task'):
-        os.sched_setaffinity(int(tid), {cpu})
-
-
 def rss_mb(pid):
     """Resident set size of a process in MiB from /proc (psutil is not installed)."""
     try:
@@ -559,8 +553,9 @@ def main(argv=None):
                 ready_at = now
                 print(f'nodes at rate after {now - t_start:.1f} s', flush=True)
                 if args.pin_nodes:
+                    from lane_seg.process_tuning import pin_process
                     for cpu, name in enumerate(NODES):
-                        pin_process(procs[name].pid, cpu)
+                        pin_process({cpu}, procs[name].pid)
                     print('pinned: ' + ', '.join(f'{n} to CPU {c}' for c, n in enumerate(NODES)),
                           flush=True)
             if ready_at is not None and now - ready_at >= args.warmup:
