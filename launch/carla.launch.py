@@ -6,7 +6,9 @@ Subscribes to the bridge's front RGB camera (``camera_topic``, default
 with the shipped configuration; ``carla_bridge:=true`` also starts the bridge with its example
 ego vehicle (``carla_ros_bridge_with_example_ego_vehicle.launch.py``) when ``carla_ros_bridge``
 is installed. ``lane_gt_topic`` may name the bridge's semantic camera (CityScapes palette) for
-live IoU. Parameters come from ``config/lane_seg.yaml`` and ``config/flow.yaml``.
+live IoU. ``lane_cpus`` and ``flow_cpus`` set the nodes' ``cpu_affinity`` (default: any CPU;
+leave the CARLA server and the bridge cores of their own). Parameters come from
+``config/lane_seg.yaml`` and ``config/flow.yaml``.
 """
 
 import os
@@ -51,6 +53,8 @@ def generate_launch_description():
     camera_qos = ParameterValue(LaunchConfiguration('camera_qos'), value_type=str)
     lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
+    lane_cpus = ParameterValue(LaunchConfiguration('lane_cpus'), value_type=str)
+    flow_cpus = ParameterValue(LaunchConfiguration('flow_cpus'), value_type=str)
     lane_gt = ParameterValue(LaunchConfiguration('lane_gt_topic'), value_type=str)
     return LaunchDescription([
         DeclareLaunchArgument('large_image_transport', default_value='false',
@@ -83,6 +87,10 @@ def generate_launch_description():
                               description='follow /clock (the bridge publishes it)'),
         DeclareLaunchArgument('rviz', default_value='false',
                               description='start RViz with config/lane_seg.rviz'),
+        DeclareLaunchArgument('lane_cpus', default_value='',
+                              description="lane_seg_node's cpu_affinity (e.g. 0); empty: any"),
+        DeclareLaunchArgument('flow_cpus', default_value='',
+                              description="flow_node's cpu_affinity (e.g. 1); empty: any"),
         DeclareLaunchArgument('carla_bridge', default_value='false',
                               description='also launch carla_ros_bridge (when installed)'),
         DeclareLaunchArgument('host', default_value='localhost', description='CARLA host'),
@@ -92,14 +100,14 @@ def generate_launch_description():
         OpaqueFunction(function=_carla_bridge),
         Node(package='lane_seg', executable='lane_seg_node', name='lane_seg_node',
              parameters=[lane_params, {'backend': backend, 'qos_reliability': camera_qos,
-                                       'model_path': lane_model,
+                                       'model_path': lane_model, 'cpu_affinity': lane_cpus,
                                        'gt_topic': lane_gt, 'use_sim_time': use_sim_time}],
              remappings=[('image', LaunchConfiguration('camera_topic')),
                          ('camera_info', LaunchConfiguration('camera_info_topic'))],
              output='screen'),
         Node(package='lane_seg', executable='flow_node', name='flow_node',
              parameters=[flow_params, {'backend': backend, 'qos_reliability': camera_qos,
-                                       'model_path': flow_model,
+                                       'model_path': flow_model, 'cpu_affinity': flow_cpus,
                                        'use_sim_time': use_sim_time}],
              remappings=[('image', LaunchConfiguration('camera_topic'))],
              output='screen'),

@@ -6,8 +6,9 @@ Replay a recorded bag through both perception nodes.
 ``ros2 bag play --clock`` publishes the bag's time on ``/clock`` and the nodes run with
 ``use_sim_time``, so end-to-end latency (node clock minus header stamp) stays right at any
 ``rate``. Arguments: ``bag`` (required), ``rate``, ``loop``, ``camera_topic``,
-``camera_info_topic``, ``backend``, ``lane_model``, ``flow_model``, ``rviz``. Parameters come
-from ``config/lane_seg.yaml`` and ``config/flow.yaml``.
+``camera_info_topic``, ``backend``, ``lane_model``, ``flow_model``, ``rviz``, ``lane_cpus`` and
+``flow_cpus`` (the nodes' ``cpu_affinity``; default: any CPU). Parameters come from
+``config/lane_seg.yaml`` and ``config/flow.yaml``.
 """
 
 import os
@@ -41,6 +42,8 @@ def generate_launch_description():
     camera_qos = ParameterValue(LaunchConfiguration('camera_qos'), value_type=str)
     lane_model = ParameterValue(LaunchConfiguration('lane_model'), value_type=str)
     flow_model = ParameterValue(LaunchConfiguration('flow_model'), value_type=str)
+    lane_cpus = ParameterValue(LaunchConfiguration('lane_cpus'), value_type=str)
+    flow_cpus = ParameterValue(LaunchConfiguration('flow_cpus'), value_type=str)
     return LaunchDescription([
         DeclareLaunchArgument('large_image_transport', default_value='true',
                               description='Fast DDS profile config/fastdds_large_images.xml '
@@ -70,16 +73,20 @@ def generate_launch_description():
                               description='flow model path; empty: the shipped int8 model'),
         DeclareLaunchArgument('rviz', default_value='false',
                               description='start RViz with config/lane_seg.rviz'),
+        DeclareLaunchArgument('lane_cpus', default_value='',
+                              description="lane_seg_node's cpu_affinity (e.g. 0); empty: any"),
+        DeclareLaunchArgument('flow_cpus', default_value='',
+                              description="flow_node's cpu_affinity (e.g. 1); empty: any"),
         Node(package='lane_seg', executable='lane_seg_node', name='lane_seg_node',
              parameters=[lane_params, {'backend': backend, 'qos_reliability': camera_qos,
-                                       'model_path': lane_model,
+                                       'model_path': lane_model, 'cpu_affinity': lane_cpus,
                                        'use_sim_time': True}],
              remappings=[('image', LaunchConfiguration('camera_topic')),
                          ('camera_info', LaunchConfiguration('camera_info_topic'))],
              output='screen'),
         Node(package='lane_seg', executable='flow_node', name='flow_node',
              parameters=[flow_params, {'backend': backend, 'qos_reliability': camera_qos,
-                                       'model_path': flow_model,
+                                       'model_path': flow_model, 'cpu_affinity': flow_cpus,
                                        'use_sim_time': True}],
              remappings=[('image', LaunchConfiguration('camera_topic'))],
              output='screen'),

@@ -255,6 +255,27 @@ def test_parameters_set_in_launch_files_are_real_and_valid(path):
 
 
 @pytest.mark.parametrize('path', LAUNCH_FILES, ids=lambda p: p.name)
+def test_each_node_is_pinned_by_its_own_cpus_argument(path):
+    """``lane_cpus`` reaches lane_seg_node's cpu_affinity and ``flow_cpus`` flow_node's."""
+    launch = LaunchFile(path)
+    spec = next(s for s in LANE_SPECS if s.name == 'cpu_affinity')
+    seen = {}
+    for call in launch.by_name('Node'):
+        kwargs = {k.arg: k.value for k in call.keywords}
+        executable = launch.value(kwargs['executable'])
+        for item in kwargs['parameters'].elts:
+            if isinstance(item, ast.Dict):
+                values = dict(zip((launch.value(k) for k in item.keys), item.values))
+                if 'cpu_affinity' in values:
+                    seen[executable] = values['cpu_affinity'].id
+    assert seen == {'lane_seg_node': 'lane_cpus', 'flow_node': 'flow_cpus'}
+    for argument in ('lane_cpus', 'flow_cpus'):
+        assert launch.arguments[argument] == '' and spec.validate('') is None
+        assert f"{argument} = ParameterValue(LaunchConfiguration('{argument}'), " \
+               'value_type=str)' in launch.source
+
+
+@pytest.mark.parametrize('path', LAUNCH_FILES, ids=lambda p: p.name)
 def test_large_image_transport_sets_the_shipped_fast_dds_profile(path):
     """The profile reaches every process the launch starts, switchable by an argument."""
     launch = LaunchFile(path)
