@@ -1100,6 +1100,49 @@ def test_worker_nice_lowers_only_the_worker_threads_priority(graph, capfd):
     assert not result.successful and 'read-only' in result.reason
 
 
+def affinity_of_a_thread_started_by(factory, seen):
+    """Wrap ``factory``: record the CPU affinity a thread it starts gets (as engine threads)."""
+    def wrapped(**kwargs):
+        probe = threading.Thread(target=lambda: seen.append(os.sched_getaffinity(0)))
+        probe.start()
+        probe.join()
+        return factory(**kwargs)
+    return wrapped
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or len(os.sched_getaffinity(0)) < 2,
+                    reason='CPU affinity: Linux, two CPUs at least')
+def test_cpu_affinity_in_one_process_pins_each_nodes_worker_and_engine_threads(graph, capfd):
+    """As in ``lane-seg run``: each node gets its CPU, the process's other threads keep theirs."""
+    everything = os.sched_getaffinity(0)
+    lane_cpu, flow_cpu = sorted(everything)[:2]
+    lane_engine, flow_engine = [], []
+    lanes = make_lane_node(graph, affinity_of_a_thread_started_by(lanes_factory(), lane_engine),
+                           params=[('cpu_affinity', str(lane_cpu))])
+    flow = graph.add(FlowNode(affinity_of_a_thread_started_by(flow_factory, flow_engine),
+                              context=graph.context,
+                              parameter_overrides=[Parameter('cpu_affinity',
+                                                             value=str(flow_cpu))]))
+    masks = graph.collect('/lane_seg_node/mask')
+    flows = graph.collect('/flow_node/flow')
+    wait_loaded(lanes)
+    wait_loaded(flow)
+    assert os.sched_getaffinity(lanes._worker.native_id) == {lane_cpu}
+    assert lane_engine == [{lane_cpu}]
+    assert os.sched_getaffinity(flow._worker.native_id) == {flow_cpu}
+    assert flow_engine == [{flow_cpu}]
+    assert os.sched_getaffinity(0) == everything                    # this (the main) thread
+    assert os.sched_getaffinity(graph._thread.native_id) == everything   # the executor's
+    pub = graph.publisher()
+    wait_until(lambda: pub.get_subscription_count() >= 2, what='discovery')
+    send_and_wait(pub, frame_msg(1.0), lambda: len(masks) == 1)     # both nodes serve
+    send_and_wait(pub, frame_msg(1.1), lambda: len(masks) == 2 and len(flows) == 1)
+    err = capfd.readouterr().err
+    assert f'lanes worker and engine threads pinned to CPU(s) {lane_cpu}' in err
+    assert f'flow worker and engine threads pinned to CPU(s) {flow_cpu}' in err
+    assert 'process pinned' not in err
+
+
 # -- one-process runner ---------------------------------------------------------------------
 def test_lane_seg_run_composes_the_nodes_and_writes_the_summary(tmp_path, tiny_models):
     params = tmp_path / 'params.yaml'

@@ -18,7 +18,7 @@ from helpers import ros_domain_env, thread_nice
 from lane_seg.process_tuning import (GIL_SWITCH_DEFAULT_MS, GIL_SWITCH_ENV,
                                      keep_large_buffers, lower_thread_priority,
                                      M_MMAP_THRESHOLD, M_TRIM_THRESHOLD, MALLOC_KEEP_ENV,
-                                     OPENCV_THREADS_ENV, parse_cpu_list,
+                                     OPENCV_THREADS_ENV, parse_cpu_list, pin_thread,
                                      set_gil_switch_interval, set_opencv_threads)
 import pytest
 
@@ -208,3 +208,28 @@ def test_cpu_lists_parse_like_taskset_and_name_what_is_wrong():
     if hasattr(os, 'sched_getaffinity'):
         with pytest.raises(ValueError, match='not available to this process'):
             parse_cpu_list('100000')
+
+
+@pytest.mark.skipif(not sys.platform.startswith('linux') or len(os.sched_getaffinity(0)) < 2,
+                    reason='CPU affinity: Linux, two CPUs at least')
+def test_pin_thread_pins_the_calling_thread_and_the_threads_it_starts_only():
+    everything = os.sched_getaffinity(0)
+    cpu = max(everything)
+    seen = {}
+
+    def child():
+        seen['child'] = os.sched_getaffinity(0)
+
+    def worker():
+        seen['tid'] = pin_thread({cpu})
+        seen['worker'] = os.sched_getaffinity(0)
+        inner = threading.Thread(target=child)
+        inner.start()
+        inner.join()
+
+    thread = threading.Thread(target=worker)
+    thread.start()
+    thread.join()
+    assert seen['worker'] == seen['child'] == {cpu}
+    assert seen['tid'] == thread.native_id
+    assert os.sched_getaffinity(0) == everything   # the calling thread of the test kept its own

@@ -30,7 +30,7 @@ from lane_seg.image_conversion import (image_to_numpy, ImageConversionError,
                                        SUPPORTED_ENCODINGS)
 from lane_seg.latency import LatencyStats, Level, SequenceGaps, Status
 from lane_seg.process_tuning import (lower_thread_priority, parse_cpu_list, pin_process,
-                                     tune_process)
+                                     pin_thread, tune_process)
 import numpy as np
 import rclpy
 from rclpy.executors import ExternalShutdownException
@@ -176,6 +176,11 @@ class PerceptionNode(Node):
 
     Subclasses set the class attributes and implement :meth:`load_pipeline` and
     :meth:`process` (and optionally :meth:`create_outputs`, :meth:`params_changed`).
+
+    ``own_process``: the node is the only one in its process (``spin_node``, i.e. the
+    executables ``ros2 run`` and ``ros2 launch`` start), so ``cpu_affinity`` pins the whole
+    process; otherwise (``lane-seg run``, a user's own composition) only the node's worker
+    thread and the engine threads it starts are pinned, and the other nodes keep theirs.
     """
 
     SPECS = ()
@@ -183,9 +188,10 @@ class PerceptionNode(Node):
     TASK = 'pipeline'
     STAGES = ('conversion', 'preprocess', 'inference', 'postprocess', 'publish')
 
-    def __init__(self, node_name, pipeline_factory=None, **node_kwargs):
+    def __init__(self, node_name, pipeline_factory=None, own_process=False, **node_kwargs):
         super().__init__(node_name, **node_kwargs)
         self._factory = pipeline_factory
+        self._own_process = own_process
         self._lock = threading.RLock()
         self._wake = threading.Condition(self._lock)
         # (raw bytes, receive seq, receive monotonic time, ROS time ns, transport parts in ms)
@@ -198,8 +204,8 @@ class PerceptionNode(Node):
         self.throttled = ThrottledLog(self.get_logger())
         self.params = NodeParameters(self, self.SPECS, self.CONFIG, self._params_changed)
         cfg = self.params.config
-        if cfg.cpu_affinity:
-            self._pin(parse_cpu_list(cfg.cpu_affinity))
+        if cfg.cpu_affinity and own_process:
+            self._pin(pin_process, parse_cpu_list(cfg.cpu_affinity), 'process')
         callback = self._on_image_with_info if CALLBACK_WITH_INFO else self._on_image
         self.subscription = self.create_subscription(
             Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True)
@@ -214,14 +220,14 @@ class PerceptionNode(Node):
                                         daemon=True)
         self._worker.start()
 
-    def _pin(self, cpus):
-        """Run this process (all its threads, and those started later) on ``cpus``."""
+    def _pin(self, pin, cpus, what):
+        """Run ``what`` (the process or the calling thread) on ``cpus`` with ``pin``."""
         try:
-            pin_process(cpus)
+            pin(cpus)
         except OSError as exc:
             self.get_logger().warning(f'cpu_affinity not applied: {describe_error(exc)}')
             return
-        self.get_logger().info(f'process pinned to CPU(s) {", ".join(map(str, sorted(cpus)))}')
+        self.get_logger().info(f'{what} pinned to CPU(s) {", ".join(map(str, sorted(cpus)))}')
 
     # -- for subclasses ------------------------------------------------------------------
     def create_outputs(self, cfg):
@@ -377,6 +383,9 @@ class PerceptionNode(Node):
             return item
 
     def _run(self):
+        cpus = self.params.config.cpu_affinity
+        if cpus and not self._own_process:   # before the engine starts its threads
+            self._pin(pin_thread, parse_cpu_list(cpus), f'{self.TASK} worker and engine threads')
         increment = self.params.config.worker_nice
         if increment:
             try:
@@ -484,8 +493,12 @@ def level_name(level) -> str:
     return Level(level).name
 
 
-def spin_node(node_cls, args=None) -> int:
-    """Run a node as ``main()`` does: init, spin, portable shutdown (Humble to Kilted)."""
+def spin_node(node_cls, args=None, **node_kwargs) -> int:
+    """
+    Run a node alone in this process as ``main()`` does: init, spin, portable shutdown.
+
+    Humble to Kilted; ``node_kwargs`` go to the node's constructor.
+    """
     name = getattr(node_cls, 'NODE_NAME', node_cls.__name__)
     logger = rclpy.logging.get_logger(name)
     applied = tune_process(warn=logger.warning)
@@ -494,7 +507,7 @@ def spin_node(node_cls, args=None) -> int:
     node = None
     code = 0
     try:
-        node = node_cls()
+        node = node_cls(**node_kwargs)
         rclpy.spin(node)
     except (KeyboardInterrupt, ExternalShutdownException):
         pass

@@ -132,7 +132,7 @@ class FlowNode(PerceptionNode):
 
 
 def main(args=None):
-    return spin_node(FlowNode, args)
+    return spin_node(FlowNode, args, own_process=True)
 
 
 if __name__ == '__main__':

@@ -168,7 +168,7 @@ class LaneSegNode(PerceptionNode):
 
 
 def main(args=None):
-    return spin_node(LaneSegNode, args)
+    return spin_node(LaneSegNode, args, own_process=True)
 
 
 if __name__ == '__main__':

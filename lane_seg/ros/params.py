@@ -132,8 +132,9 @@ def _common(latency_budget_ms):
              'priority as the node', bounds=(0, 19), read_only=True),
         Spec('cpu_affinity', '', "CPUs the node's process runs on, as taskset -c takes them "
              "(e.g. '0' or '0-1'); '': any. With as few cores as nodes, one core per node "
-             'keeps its executor and worker threads together (Linux; in one process, the '
-             "last node's setting applies to all)", check=_check_cpus, read_only=True),
+             'keeps its executor and worker threads together (Linux; a node sharing its '
+             'process with others, as in lane-seg run, pins only its worker and engine '
+             'threads)', check=_check_cpus, read_only=True),
     )
 
 
