@@ -78,6 +78,10 @@ def parse_args(argv=None):
     parser.add_argument('--pin-nodes', action='store_true',
                         help='pin every thread of lane_seg_node to CPU 0 and of flow_node to '
                         'CPU 1 once they run (the camera and the listener stay unpinned)')
+    parser.add_argument('--cpu-affinity', action='store_true',
+                        help="start lane_seg_node with its cpu_affinity parameter '0' and "
+                        "flow_node with '1' (the nodes pin themselves, as a deployment "
+                        'would; the camera and the listener stay unpinned)')
     parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
                         help="the nodes' worker_nice parameter (niceness of their worker "
                         "threads); default: the nodes' own (0)")
@@ -87,7 +91,11 @@ def parse_args(argv=None):
     parser.add_argument('--name', default='node_soak')
     parser.add_argument('--reanalyse', metavar='JSON',
                         help='only redo the analysis, summary and plot from a saved JSON')
-    return parser.parse_args(argv)
+    args = parser.parse_args(argv)
+    if args.pin_nodes and args.cpu_affinity:
+        parser.error('--pin-nodes and --cpu-affinity are two ways of pinning the same nodes: '
+                     'give one')
+    return args
 
 
 def node_commands(args):
@@ -103,7 +111,27 @@ def node_commands(args):
                       '-p', f'qos_reliability:={args.qos}'] + remap
         if args.worker_nice is not None:
             cmds[node] += ['-p', f'worker_nice:={args.worker_nice}']
+        if args.cpu_affinity:   # quoted: a string parameter, not the integer 0
+            cmds[node] += ['-p', f"cpu_affinity:='{NODES.index(node)}'"]
     return cmds
+
+
+def thread_cpus(pid) -> dict:
+    """Return {CPU list: number of threads} over the threads of a process (Linux /proc)."""
+    counts = {}
+    try:
+        tids = os.listdir(f'/proc/{pid}/task')
+    except OSError:
+        return counts
+    for tid in tids:
+        try:
+            with open(f'/proc/{pid}/task/{tid}/status') as f:
+                line = next(x for x in f if x.startswith('Cpus_allowed_list:'))
+        except (OSError, StopIteration):
+            continue
+        cpus = line.split(':', 1)[1].strip()
+        counts[cpus] = counts.get(cpus, 0) + 1
+    return counts
 
 
 def cpu_seconds(pid):
@@ -468,6 +496,10 @@ def write_markdown(path, report):
     if report.get('cpu_percent_of_a_core'):
         lines += ['', 'CPU over the measured time, % of one core (2 cores = 200 %): ' + ', '.join(
             f'{k} {fmt(v)}' for k, v in report['cpu_percent_of_a_core'].items()) + '.']
+    if report.get('threads_per_cpu_list'):
+        lines += ['', 'Threads per allowed CPU list after the warm-up (/proc): ' + '; '.join(
+            f'{k}: ' + ', '.join(f'{n} on {c}' for c, n in v.items())
+            for k, v in report['threads_per_cpu_list'].items()) + '.']
     lines += ['', f'![RSS and end-to-end p95 over time]({report["name"]}.png)', '',
               'Exit of the node processes: ' + ', '.join(
                   f'{k} {v["returncode"]} ({v["how"]})' for k, v in report['exit'].items()),
@@ -565,6 +597,9 @@ def main(argv=None):
                       'measuring anyway', flush=True)
                 break
         warmup_s = time.monotonic() - t_start
+        affinity = {name: thread_cpus(p.pid) for name, p in procs.items()}
+        print('threads per CPU list: ' + '; '.join(f'{k} {v}' for k, v in affinity.items()),
+              flush=True)
         listener.recording = True
         t0 = time.monotonic()
         pids = dict({name: p.pid for name, p in procs.items()}, node_soak_listener=os.getpid())
@@ -634,6 +669,7 @@ def main(argv=None):
         't0': t0,
         'exit': exit_codes,
         'cpu_percent_of_a_core': cpu_percent,
+        'threads_per_cpu_list': affinity,
         'diag_samples': diag_samples,
         'rss_samples': rss_samples,
         'measured_end_s': t_end - t0,
