@@ -81,7 +81,8 @@ def parse_args(argv=None):
     parser.add_argument('--cpu-affinity', action='store_true',
                         help="start lane_seg_node with its cpu_affinity parameter '0' and "
                         "flow_node with '1' (the nodes pin themselves, as a deployment "
-                        'would; the camera and the listener stay unpinned)')
+                        'would; the camera and the listener stay unpinned; CPUs 0 and 1 '
+                        'must be allowed to this process)')
     parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
                         help="the nodes' worker_nice parameter (niceness of their worker "
                         "threads); default: the nodes' own (0)")

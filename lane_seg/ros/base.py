@@ -204,8 +204,10 @@ class PerceptionNode(Node):
         self.throttled = ThrottledLog(self.get_logger())
         self.params = NodeParameters(self, self.SPECS, self.CONFIG, self._params_changed)
         cfg = self.params.config
-        if cfg.cpu_affinity and own_process:
-            self._pin(pin_process, parse_cpu_list(cfg.cpu_affinity), 'process')
+        # parsed once, here: a bad list fails the start-up with the reason, never the worker
+        self._cpus = parse_cpu_list(cfg.cpu_affinity)
+        if self._cpus and own_process:
+            self._pin(pin_process, self._cpus, 'process')
         callback = self._on_image_with_info if CALLBACK_WITH_INFO else self._on_image
         self.subscription = self.create_subscription(
             Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True)
@@ -383,9 +385,8 @@ class PerceptionNode(Node):
             return item
 
     def _run(self):
-        cpus = self.params.config.cpu_affinity
-        if cpus and not self._own_process:   # before the engine starts its threads
-            self._pin(pin_thread, parse_cpu_list(cpus), f'{self.TASK} worker and engine threads')
+        if self._cpus and not self._own_process:   # before the engine starts its threads
+            self._pin(pin_thread, self._cpus, f'{self.TASK} worker and engine threads')
         increment = self.params.config.worker_nice
         if increment:
             try:
