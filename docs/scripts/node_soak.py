@@ -83,10 +83,6 @@ def parse_args(argv=None):
                         "flow_node with '1' (the nodes pin themselves, as a deployment "
                         'would; the camera and the listener stay unpinned; CPUs 0 and 1 '
                         'must be allowed to this process)')
-    parser.add_argument('--slice-us', type=float, default=None, metavar='US',
-                        help='ask the scheduler for a time slice of US microseconds for every '
-                        'thread of both nodes once they run (Linux 6.12+, EEVDF; the camera '
-                        'and the listener keep the default)')
     parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
                         help="the nodes' worker_nice parameter (niceness of their worker "
                         "threads); default: the nodes' own (0)")
@@ -595,16 +591,6 @@ def main(argv=None):
                         pin_process({cpu}, procs[name].pid)
                     print('pinned: ' + ', '.join(f'{n} to CPU {c}' for c, n in enumerate(NODES)),
                           flush=True)
-                if args.slice_us:
-                    from lane_seg.process_tuning import set_thread_slice
-                    held = set()
-                    for name in NODES:
-                        for tid in os.listdir(f'/proc/{procs[name].pid}/task'):
-                            try:
-                                held.add(set_thread_slice(int(tid), args.slice_us))
-                            except OSError as exc:
-                                print(f'slice not set for {name} thread {tid}: {exc}')
-                    print(f"time slice of the nodes' threads: {sorted(held)} us", flush=True)
             if ready_at is not None and now - ready_at >= args.warmup:
                 break
             if now - t_start > 120.0:
