@@ -379,7 +379,7 @@ class LatencyStats:
             problems.append(f'{dropped} frames dropped in the last {self.window_s:g} s')
         if lost:
             level = max(level, Level.WARN)
-            problems.append(f'{lost} frames lost before the callback (overwritten in the '
+            problems.append(f'{lost} frames lost before reaching the node (replaced in the '
                             f'subscription queue or lost in transport) in the last '
                             f'{self.window_s:g} s')
         if problems:

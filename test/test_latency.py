@@ -261,7 +261,7 @@ def test_lost_frames_are_counted_and_make_a_warning():
     stats.lost(3)
     status = stats.status()
     assert status.level == Level.WARN
-    assert '3 frames lost before the callback' in status.message
+    assert '3 frames lost before reaching the node' in status.message
     values = status.as_dict()
     assert values['frames_lost'] == '3' and values['frames_lost_in_window'] == '3'
     clock.t += 11.0                                    # out of the 10-s window

@@ -83,6 +83,9 @@ def parse_args(argv=None):
                         "flow_node with '1' (the nodes pin themselves, as a deployment "
                         'would; the camera and the listener stay unpinned; CPUs 0 and 1 '
                         'must be allowed to this process)')
+    parser.add_argument('--node-param', action='append', default=[], metavar='NAME:=VALUE',
+                        help='a parameter for both perception nodes, as -p takes it '
+                        '(repeatable)')
     parser.add_argument('--worker-nice', type=int, default=None, metavar='N',
                         help="the nodes' worker_nice parameter (niceness of their worker "
                         "threads); default: the nodes' own (0)")
@@ -112,6 +115,8 @@ def node_commands(args):
                       '-p', f'qos_reliability:={args.qos}'] + remap
         if args.worker_nice is not None:
             cmds[node] += ['-p', f'worker_nice:={args.worker_nice}']
+        for param in args.node_param:
+            cmds[node] += ['-p', param]
         if args.cpu_affinity:   # quoted: a string parameter, not the integer 0
             cmds[node] += ['-p', f"cpu_affinity:='{NODES.index(node)}'"]
     return cmds
@@ -482,13 +487,16 @@ def write_markdown(path, report):
             + ' |')
     lines += ['', 'Times in ms. Output age: receive time in the soak script node minus the '
               'output header stamp (the camera stamp), so end-to-end plus transport. Transport: '
-              "header stamp to the node's subscription callback (camera publish, middleware, "
-              'deserialization, executor); queue: callback to the start of processing (the '
-              'worker busy with the previous frame). Transport in parts, from the '
-              "middleware's timestamps: publisher (header stamp to the camera's DDS write), "
-              "middleware (write to reception by the node's DDS reader), executor (reception "
-              'to the callback). Lost: frames the camera wrote that never reached the '
-              "callback (gaps in the writer's sequence numbers).", '',
+              "header stamp to the node's subscription callback, or with the nodes' "
+              "`receive: worker` (the default on Kilted) to the worker's take of the frame, "
+              'which then includes waiting for the previous frame (camera publish, '
+              'middleware, executor or worker wake-up); queue: callback to the start of '
+              'processing (the worker busy with the previous frame; near 0 with `receive: '
+              "worker`). Transport in parts, from the middleware's timestamps: publisher "
+              "(header stamp to the camera's DDS write), middleware (write to reception by "
+              "the node's DDS reader), executor (reception to the callback or the take). "
+              'Lost: frames the camera wrote that never reached the node (gaps in the '
+              "writer's sequence numbers).", '',
               '## RSS (MiB, sampled every '
               f'{report["args"]["rss_period"]:g} s)', '',
               '| process | first | last | max |', '|---|---|---|---|']

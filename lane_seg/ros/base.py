@@ -33,7 +33,9 @@ from lane_seg.process_tuning import (lower_thread_priority, parse_cpu_list, pin_
                                      pin_thread, tune_process)
 import numpy as np
 import rclpy
+from rclpy.callback_groups import CallbackGroup
 from rclpy.executors import ExternalShutdownException
+from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.subscription import Subscription
 from sensor_msgs.msg import Image
@@ -53,6 +55,13 @@ ACCEPTED_ENCODINGS = ('bgr8', 'rgb8', 'bgra8', 'rgba8', 'mono8')
 CALLBACK_WITH_INFO = hasattr(Subscription, 'CallbackType')
 LOST_FRAMES_COUNTED = CALLBACK_WITH_INFO and 'publisher_gid' in getattr(
     getattr(rclpy.subscription, 'MessageInfo', None), '__annotations__', {})
+
+
+def receive_mode(choice: str) -> str:
+    """Resolve the ``receive`` parameter: 'auto' is 'worker' where lost frames are counted."""
+    if choice == 'auto':
+        return 'worker' if LOST_FRAMES_COUNTED else 'executor'
+    return choice
 
 
 def message_info_parts(info, wall_ns: int, sim_time: bool = False):
@@ -170,6 +179,19 @@ class StampMatcher:
         return self._add(self._gt, self._pred, key, value, False)
 
 
+class TakenByWorker(CallbackGroup):
+    """A callback group that no executor runs: the node's worker takes its messages itself."""
+
+    def can_execute(self, entity) -> bool:
+        return False
+
+    def beginning_execution(self, entity) -> bool:
+        return False
+
+    def ending_execution(self, entity) -> None:
+        pass
+
+
 class PerceptionNode(Node):
     """
     Base of ``lane_seg_node`` and ``flow_node``.
@@ -209,8 +231,16 @@ class PerceptionNode(Node):
         if self._cpus and own_process:
             self._pin(pin_process, self._cpus, 'process')
         callback = self._on_image_with_info if CALLBACK_WITH_INFO else self._on_image
+        # receive 'worker': the worker waits on the subscription and takes each frame itself,
+        # no executor hand-off; the executor still runs everything else (parameters, timers)
+        self.receive = receive_mode(cfg.receive)
+        self._taken_by_worker = self.receive == 'worker'
+        group = TakenByWorker() if self._taken_by_worker else None
         self.subscription = self.create_subscription(
-            Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True)
+            Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True,
+            callback_group=group)
+        self._wake_worker = (self.create_guard_condition(lambda: None, callback_group=group)
+                             if self._taken_by_worker else None)
         self.stats = LatencyStats(window_s=cfg.window_s,
                                   latency_budget_ms=cfg.latency_budget_ms,
                                   stale_after_s=cfg.stale_after_s, stages=self.STAGES,
@@ -261,6 +291,17 @@ class PerceptionNode(Node):
         self._on_image(raw, info)
 
     def _on_image(self, raw, info=None):
+        item = self._received(raw, info)
+        if item is None:
+            return
+        with self._lock:
+            if self._slot is not None:
+                self.stats.dropped(1, item[2])
+            self._slot = item
+            self._wake.notify()
+
+    def _received(self, raw, info):
+        """Count a frame that arrived; return its work item, or None when it is refused."""
         now = time.monotonic()
         wall_ns = time.time_ns()
         clock = self.get_clock()
@@ -274,11 +315,29 @@ class PerceptionNode(Node):
                 self.stats.lost(self._gaps.update(publisher, sequence), now)
             if self.stats.startup_failure is not None:
                 self.stats.rejected_frame('no_pipeline', now)
+                return None
+            return (raw, self._receive_seq, now, arrived_ns, parts)
+
+    def _take_loop(self):
+        """Wait on the image subscription in this (the worker) thread and process each frame."""
+        wait_set = _rclpy.WaitSet(1, 1, 0, 0, 0, 0, self.context.handle)
+        sub, wake = self.subscription, self._wake_worker
+        while not self._stop:
+            wait_set.clear_entities()
+            wait_set.add_subscription(sub.handle)
+            wait_set.add_guard_condition(wake.handle)
+            wait_set.wait(200_000_000)
+            if self._stop:
                 return
-            if self._slot is not None:
-                self.stats.dropped(1, now)
-            self._slot = (raw, self._receive_seq, now, arrived_ns, parts)
-            self._wake.notify()
+            if sub.handle.pointer not in wait_set.get_ready_entities('subscription'):
+                continue
+            taken = sub.handle.take_message(Image, True)
+            if taken is None:
+                continue
+            raw, info = taken if isinstance(taken, tuple) else (taken, None)
+            item = self._received(raw, info)
+            if item is not None:
+                self._process_item(item)
 
     def reject(self, reason: str, text: str, msg=None):
         """Count a rejected frame under ``reason`` and log ``text`` (throttled per reason)."""
@@ -349,7 +408,8 @@ class PerceptionNode(Node):
             f'{self.TASK}: model {info.get("model", "?")}, backend '
             f'{info.get("backend", "?")}, precision {info.get("precision", "?")}, input '
             f'{info.get("input_size", "?")} (loaded in {time.monotonic() - t0:.2f} s); '
-            f'listening on {self.subscription.topic_name}')
+            f'listening on {self.subscription.topic_name} (frames received by the '
+            f'{self.receive} thread)')
         return pipeline
 
     def _describe(self, pipeline) -> dict:
@@ -369,6 +429,7 @@ class PerceptionNode(Node):
             old_backend = self.pipeline_info.get('backend')
             self.pipeline_info = shown
             self.stats.info = {k: str(v) for k, v in shown.items() if v is not None}
+            self.stats.info['receive'] = self.receive
             self.stats.set_building(building)
         if old_backend is not None and shown.get('backend') != old_backend:
             self.get_logger().info(f'{self.TASK}: backend switched from {old_backend} to '
@@ -396,6 +457,9 @@ class PerceptionNode(Node):
                 self.get_logger().warning(f'worker_nice {increment} not applied: '
                                           f'{describe_error(exc)}')
         self._load()
+        if self._taken_by_worker:
+            self._take_loop()
+            return
         while True:
             item = self._take()
             if item is None:
@@ -476,6 +540,9 @@ class PerceptionNode(Node):
         with self._lock:
             self._stop = True
             self._wake.notify_all()
+        wake = getattr(self, '_wake_worker', None)
+        if wake is not None:
+            wake.trigger()
         if worker.is_alive() and worker is not threading.current_thread():
             worker.join(timeout_s)
         pipeline, self.pipeline = self.pipeline, None

@@ -101,6 +101,9 @@ def _check_topic(value):
     return None
 
 
+RECEIVE_MODES = ('auto', 'worker', 'executor')
+
+
 def _check_cpus(value):
     try:
         parse_cpu_list(value)
@@ -130,6 +133,13 @@ def _common(latency_budget_ms):
              'publishing; engine threads it starts inherit it), so that the subscription '
              'and middleware threads get a core first when a frame arrives (Linux); 0: same '
              'priority as the node', bounds=(0, 19), read_only=True),
+        Spec('receive', 'auto', "how frames reach the worker thread: 'worker' (it waits "
+             'on the subscription and takes each frame itself, no hand-off; frames replaced '
+             "in the subscription's queue while it works are counted as lost, which needs "
+             "the publisher's id in rclpy's message info: Kilted and later), 'executor' (the "
+             "subscription's callback hands each frame over; a waiting frame replaced by a "
+             "newer one is counted as dropped) or 'auto' (worker where lost frames are "
+             'counted, executor elsewhere)', choices=RECEIVE_MODES, read_only=True),
         Spec('cpu_affinity', '', "CPUs the node's process runs on, as taskset -c takes them "
              "(e.g. '0' or '0-1'); '': any. With as few cores as nodes, one core per node "
              'keeps its executor and worker threads together (Linux; a node sharing its '
@@ -203,6 +213,7 @@ class LaneSegParams(_Config):
     qos_reliability: str
     output_qos_reliability: str
     worker_nice: int
+    receive: str
     cpu_affinity: str
     threshold: float
     roi: tuple
@@ -234,6 +245,7 @@ class FlowParams(_Config):
     qos_reliability: str
     output_qos_reliability: str
     worker_nice: int
+    receive: str
     cpu_affinity: str
     max_gap_s: float
     publish_vis: bool
