@@ -20,8 +20,10 @@ accuracy figures (IoU, EPE). All figures are kept over a rolling time window.
 key/value pairs (the fields of a ``diagnostic_msgs/DiagnosticStatus``):
 
 - ERROR when a start-up failure is set (missing model, unusable backend), or no frame has
-  arrived for ``stale_after_s`` (also before the first frame, counted from start-up);
-- WARN while an engine is being built (with the elapsed time), when the window's end-to-end
+  arrived for ``stale_after_s`` (also before the first frame, counted from start-up) while
+  the receiver is not busy (:meth:`LatencyStats.set_busy`);
+- WARN while an engine is being built (with the elapsed time), while the receiver has been
+  busy with one frame for more than ``stale_after_s``, when the window's end-to-end
   p95 exceeds the latency budget, or when frames were dropped or lost within the window;
 - OK otherwise.
 
@@ -197,6 +199,7 @@ class LatencyStats:
         self.last_received_at = None
         self.startup_failure = None
         self.building = None   # (message, started_at)
+        self.busy_since = None  # set while frames wait unseen (see set_busy)
         self.info = {}         # static facts shown in diagnostics (model, backend, ...)
 
     # -- recording -----------------------------------------------------------------------
@@ -281,6 +284,16 @@ class LatencyStats:
         """Set (or with ``None`` clear) a start-up failure; it makes the status ERROR."""
         self.startup_failure = None if reason is None else str(reason)
 
+    def set_busy(self, since):
+        """
+        Mark the receiver busy since ``since`` (monotonic s), or idle with None.
+
+        For a node whose worker takes its frames itself: while it is busy, frames wait in the
+        subscription unseen, so silence is not staleness; a busy spell longer than
+        ``stale_after_s`` is reported (WARN) instead.
+        """
+        self.busy_since = since
+
     def set_building(self, message, now: float = None):
         """Mark a long start-up step (engine build) in progress; ``None`` ends it."""
         if message is None:
@@ -362,7 +375,12 @@ class LatencyStats:
         if self.startup_failure is not None:
             level = Level.ERROR
             problems.append(f'start-up failed: {self.startup_failure}')
-        if since > self.stale_after_s:
+        busy = None if self.busy_since is None else now - self.busy_since
+        if busy is not None and busy > self.stale_after_s and self.building is None:
+            level = max(level, Level.WARN)
+            problems.append(f'busy with one frame for {busy:.1f} s (frames arriving meanwhile '
+                            f'are seen when it is done)')
+        if since > self.stale_after_s and busy is None:
             level = Level.ERROR
             what = 'no frame received' if self.last_received_at is None else 'no frame'
             problems.append(f'{what} on {self.input_name} for {since:.1f} s '

@@ -125,6 +125,29 @@ def test_error_when_no_frame_for_stale_after_s():
     assert status.level == Level.ERROR and 'no frame on image for 3.0 s' in status.message
 
 
+def test_a_busy_receiver_is_not_stale_but_a_long_busy_spell_warns():
+    # a worker that takes its own frames sees none while busy: silence then is no staleness
+    stats, clock = make(stale_after_s=2.0)
+    feed(stats, clock, 5)
+    stats.set_busy(clock.t)
+    clock.t += 1.0
+    assert stats.status().level == Level.OK
+    clock.t += 2.0
+    status = stats.status()
+    assert status.level == Level.WARN
+    assert 'busy with one frame for 3.0 s' in status.message and 'no frame' not in status.message
+    stats.set_busy(None)     # done, and nothing waited meanwhile: stale since the last frame
+    status = stats.status()
+    assert status.level == Level.ERROR and 'no frame on image for 3.0 s' in status.message
+    # while an engine is built, the building line says it all
+    stats.set_busy(clock.t)
+    stats.set_building('building the TensorRT engine', clock.t)
+    clock.t += 5.0
+    status = stats.status()
+    assert status.level == Level.WARN and 'busy' not in status.message
+    assert 'building the TensorRT engine' in status.message
+
+
 def test_error_on_startup_failure_even_while_frames_arrive():
     stats, clock = make()
     stats.set_startup_failure('EngineError: /models/x.onnx not found')

@@ -490,7 +490,8 @@ def test_a_busy_worker_leaves_parameters_and_diagnostics_served(graph, receive):
     """Inference never runs on the executor: services and the 1-Hz diagnostics go on."""
     gate, started = threading.Event(), threading.Event()
     node = make_lane_node(graph, lambda **kw: GatedLanes(gate, started, **kw),
-                          params=[('receive', receive)])
+                          params=[('receive', receive), ('stale_after_s', 0.5)])
+    assert node.receive == receive
     diags = graph.collect('/diagnostics', DiagnosticArray)
     masks = graph.collect('/lane_seg_node/mask')
     pub = graph.publisher()
@@ -506,9 +507,30 @@ def test_a_busy_worker_leaves_parameters_and_diagnostics_served(graph, receive):
         assert node.params.config.latency_budget_ms == 80.0
         wait_until(lambda: len(diags) > seen, timeout=3.0, what='diagnostics meanwhile')
         assert not masks and not gate.is_set()
+        time.sleep(0.7)   # past stale_after_s with the worker still busy on frame 1
+        status = node.diagnostic_status()
+        assert status.as_dict()['receive'] == receive
+        if receive == 'worker':   # frames wait unseen: busy, not silent
+            assert status.level == Level.WARN and 'busy with one frame' in status.message
+        else:                     # the executor sees that nothing came after frame 1
+            assert status.level == Level.ERROR and 'no frame on' in status.message
     finally:
         gate.set()
     wait_until(lambda: len(masks) == 1, what='the mask once inference ends')
+    time.sleep(0.7)               # idle now, and still no frame: stale in both modes
+    status = node.diagnostic_status()
+    assert status.level == Level.ERROR and 'no frame on' in status.message
+    node.close()
+    assert not node._worker.is_alive()
+
+
+@pytest.mark.parametrize('receive', ['worker', 'executor'])
+def test_destroying_a_node_twice_is_harmless(graph, receive):
+    node = LaneSegNode(lanes_factory(), context=graph.context,
+                       parameter_overrides=[Parameter('receive', value=receive)])
+    wait_loaded(node)
+    node.destroy_node()
+    node.destroy_node()
     node.close()
     assert not node._worker.is_alive()
 

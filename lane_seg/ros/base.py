@@ -34,7 +34,9 @@ from lane_seg.process_tuning import (lower_thread_priority, parse_cpu_list, pin_
 import numpy as np
 import rclpy
 from rclpy.callback_groups import CallbackGroup
+from rclpy.exceptions import InvalidHandle
 from rclpy.executors import ExternalShutdownException
+from rclpy.guard_condition import GuardCondition
 from rclpy.impl.implementation_singleton import rclpy_implementation as _rclpy
 from rclpy.node import Node
 from rclpy.subscription import Subscription
@@ -239,12 +241,21 @@ class PerceptionNode(Node):
         self.subscription = self.create_subscription(
             Image, 'image', callback, input_qos(cfg.qos_reliability), raw=True,
             callback_group=group)
-        self._wake_worker = (self.create_guard_condition(lambda: None, callback_group=group)
+        # the worker's own wake-up at shutdown; not the node's, so no executor waits on it
+        # (the EventsExecutor refuses a node's guard conditions)
+        self._wake_worker = (GuardCondition(None, None, context=self.context)
                              if self._taken_by_worker else None)
+        self._topic = self.subscription.topic_name
         self.stats = LatencyStats(window_s=cfg.window_s,
                                   latency_budget_ms=cfg.latency_budget_ms,
                                   stale_after_s=cfg.stale_after_s, stages=self.STAGES,
-                                  input_name=self.subscription.topic_name)
+                                  input_name=self._topic)
+        self.stats.info['receive'] = self.receive
+        if cfg.receive == 'worker' and not LOST_FRAMES_COUNTED:
+            self.get_logger().warning(
+                'receive: worker on an rclpy without the publisher id in its message info: '
+                'frames replaced in the subscription queue while the worker is busy are '
+                'not counted (receive: executor counts them as dropped)')
         self.out_qos = output_qos(cfg.output_qos_reliability)
         self.create_outputs(cfg)
         self.diagnostics = DiagnosticsPublisher(self, self.diagnostic_status, task=self.TASK)
@@ -318,26 +329,59 @@ class PerceptionNode(Node):
                 return None
             return (raw, self._receive_seq, now, arrived_ns, parts)
 
+    def _trigger_wake(self):
+        wake = self._wake_worker
+        if wake is None:
+            return
+        try:
+            wake.trigger()
+        except InvalidHandle:   # destroyed with the node
+            pass
+
     def _take_loop(self):
-        """Wait on the image subscription in this (the worker) thread and process each frame."""
-        wait_set = _rclpy.WaitSet(1, 1, 0, 0, 0, 0, self.context.handle)
-        sub, wake = self.subscription, self._wake_worker
-        while not self._stop:
-            wait_set.clear_entities()
-            wait_set.add_subscription(sub.handle)
-            wait_set.add_guard_condition(wake.handle)
-            wait_set.wait(200_000_000)
-            if self._stop:
+        """
+        Wait on the image subscription in this (the worker) thread and process each frame.
+
+        Returns when the node stops or its context shuts down. Executors that ignore callback
+        groups would take frames too; rclpy's (Kilted) EventsExecutor does, but it cannot run
+        these nodes anyway (it fails on subscription callbacks that take message info).
+        """
+        sub, wake, context = self.subscription, self._wake_worker, self.context
+        wait_set = None
+        while not self._stop and context.ok():
+            try:
+                # held like rclpy's executor holds them: destruction waits for the release
+                with sub.handle, wake.handle, context.handle:
+                    if wait_set is None:
+                        wait_set = _rclpy.WaitSet(1, 1, 0, 0, 0, 0, context.handle)
+                    wait_set.clear_entities()
+                    wait_set.add_subscription(sub.handle)
+                    wait_set.add_guard_condition(wake.handle)
+                    wait_set.wait(200_000_000)
+                    if self._stop:
+                        return
+                    if sub.handle.pointer not in wait_set.get_ready_entities('subscription'):
+                        continue
+                    taken = sub.handle.take_message(Image, True)
+            except InvalidHandle:   # the subscription or the node destroyed meanwhile
                 return
-            if sub.handle.pointer not in wait_set.get_ready_entities('subscription'):
-                continue
-            taken = sub.handle.take_message(Image, True)
+            except Exception as exc:  # never die silently: say why frames stop
+                self.get_logger().error(f'{self.TASK}: the worker stops taking frames: '
+                                        f'{describe_error(exc)}')
+                return
             if taken is None:
                 continue
             raw, info = taken if isinstance(taken, tuple) else (taken, None)
             item = self._received(raw, info)
-            if item is not None:
+            if item is None:
+                continue
+            with self._lock:
+                self.stats.set_busy(item[2])
+            try:
                 self._process_item(item)
+            finally:
+                with self._lock:
+                    self.stats.set_busy(None)
 
     def reject(self, reason: str, text: str, msg=None):
         """Count a rejected frame under ``reason`` and log ``text`` (throttled per reason)."""
@@ -408,8 +452,7 @@ class PerceptionNode(Node):
             f'{self.TASK}: model {info.get("model", "?")}, backend '
             f'{info.get("backend", "?")}, precision {info.get("precision", "?")}, input '
             f'{info.get("input_size", "?")} (loaded in {time.monotonic() - t0:.2f} s); '
-            f'listening on {self.subscription.topic_name} (frames received by the '
-            f'{self.receive} thread)')
+            f'listening on {self._topic} (frames received by the {self.receive} thread)')
         return pipeline
 
     def _describe(self, pipeline) -> dict:
@@ -456,7 +499,12 @@ class PerceptionNode(Node):
             except OSError as exc:
                 self.get_logger().warning(f'worker_nice {increment} not applied: '
                                           f'{describe_error(exc)}')
+        if self._taken_by_worker:   # frames wait unseen in the subscription meanwhile
+            with self._lock:
+                self.stats.set_busy(time.monotonic())
         self._load()
+        with self._lock:
+            self.stats.set_busy(None)
         if self._taken_by_worker:
             self._take_loop()
             return
@@ -540,11 +588,14 @@ class PerceptionNode(Node):
         with self._lock:
             self._stop = True
             self._wake.notify_all()
-        wake = getattr(self, '_wake_worker', None)
-        if wake is not None:
-            wake.trigger()
+        if getattr(self, '_wake_worker', None) is not None:
+            self._trigger_wake()
         if worker.is_alive() and worker is not threading.current_thread():
             worker.join(timeout_s)
+        wake = getattr(self, '_wake_worker', None)
+        if wake is not None and not worker.is_alive():
+            self._wake_worker = None
+            wake.destroy()
         pipeline, self.pipeline = self.pipeline, None
         if pipeline is not None:
             try:

@@ -121,7 +121,8 @@ def _common(latency_budget_ms):
              read_only=True),
         Spec('latency_budget_ms', latency_budget_ms, 'diagnostics WARN when the end-to-end '
              'p95 latency exceeds this', bounds=(1.0, 10000.0)),
-        Spec('stale_after_s', 2.0, 'diagnostics ERROR when no frame arrives for this long',
+        Spec('stale_after_s', 2.0, 'diagnostics ERROR when no frame arrives for this long '
+             "(receive 'worker': WARN when the worker is busy with one frame this long)",
              bounds=(0.1, 3600.0)),
         Spec('window_s', 10.0, 'rolling window of the latency statistics', bounds=(1.0, 600.0),
              read_only=True),
