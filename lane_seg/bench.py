@@ -132,6 +132,15 @@ def _gpu() -> str:
     return 'none'
 
 
+def _int8_kernels() -> tuple:
+    from .engines.int8_kernels import int8_kernels
+    try:
+        kernels, why = int8_kernels()
+    except ValueError as exc:
+        return 'invalid', f'({exc})'
+    return kernels, f'({why})'
+
+
 def machine(threads: int) -> dict:
     import cv2
     info = _cpuinfo()
@@ -142,6 +151,7 @@ def machine(threads: int) -> dict:
         'threads': threads,
         'isa': sorted(f for f in info['flags'] if f in ('avx2', 'avx512f', 'avx512_vnni',
                                                         'avx_vnni', 'amx_int8')),
+        'int8_kernels': ' '.join(_int8_kernels()),
         'gpu': _gpu(), 'os': platform.platform(), 'python': platform.python_version(),
         'load_average_1min': os.getloadavg()[0] if hasattr(os, 'getloadavg') else None,
         'versions': {'numpy': np.__version__, 'opencv': cv2.__version__,
@@ -307,7 +317,7 @@ def plan(models=None, backends=None) -> tuple:
         for backend in backends:
             model, label, notes = Path(path), precision, []
             if backend == 'tensorrt':
-                if '_int8_ort' in model.name:
+                if model.stem.endswith(('_int8_ort', '_int8_u8u8')):
                     from .resources import sibling_model
                     model = sibling_model(model, 'int8_qdq')
                     if model is None:
@@ -560,7 +570,9 @@ def markdown(report: dict) -> str:
         '# lane-seg bench', '',
         f'Machine: {m["cpu"]}, {m["usable_cpus"]} usable of {m["logical_cpus"]} logical CPUs '
         f'at {_fmt(m["cpu_mhz"], 0)} MHz ({", ".join(m["isa"]) or "no AVX-512"}), GPU: '
-        f'{m["gpu"]}; {report["threads"]} threads; load average '
+        f'{m["gpu"]}; ONNX Runtime int8 kernels '
+        f'{m.get("int8_kernels", "u8s8 (not recorded)")}; {report["threads"]} threads; '
+        'load average '
         f'{_fmt(m.get("load_average_1min"))} at the start. Python {m["python"]}, '
         + ', '.join(f'{k} {v}' for k, v in m['versions'].items() if v) + '.', '',
         f'Frames: synthetic drive seed {report["frames"]["seed"]}, '

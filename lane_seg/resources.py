@@ -89,9 +89,14 @@ def shipped_model(task: str, precision: str = 'int8', backend: str = 'onnxruntim
 
 
 def sibling_model(path, form: str):
-    """Return the same model in another form ('int8_qdq', 'int8_ort', 'fp32') or None."""
+    """
+    Return the same model in another form or None.
+
+    Forms: 'int8_qdq' (TensorRT), 'int8_ort' (ONNX Runtime, u8s8), 'int8_u8u8' (ONNX Runtime,
+    exact without VNNI), 'fp32'.
+    """
     path = Path(path)
-    for current in ('_int8_qdq', '_int8_ort', '_fp32'):
+    for current in ('_int8_qdq', '_int8_ort', '_int8_u8u8', '_fp32'):
         if path.stem.endswith(current):
             other = path.with_name(path.stem[:-len(current)] + f'_{form}' + path.suffix)
             return other if other.exists() else None

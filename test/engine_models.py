@@ -3,7 +3,8 @@ Tiny self-describing test models, built once per test session (torch + onnx, a f
 
 ``build(folder)`` exports, for the engine, pipeline, model-info and bench tests:
 
-- ``lane_fp32.onnx`` / ``lane_int8_qdq.onnx`` / ``lane_int8_ort.onnx``: a small fast U-Net at
+- ``lane_fp32.onnx`` / ``lane_int8_qdq.onnx`` / ``lane_int8_ort.onnx`` (and every
+  ``*_int8_ort.onnx`` with its ``*_int8_u8u8.onnx``): a small fast U-Net at
   64x128, RGB, ImageNet normalization, ROI from 25 % of the height down, with checkpoints
   ``lane.safetensors`` (float) and ``lane_q.safetensors`` (fake-quantized) named in their
   metadata for the torch backend;
@@ -134,7 +135,7 @@ def _fit(model, x, y, steps=100, lr=0.03):
 def _export_family(folder, stem, model, meta_fn, calib, ckpt_float, ckpt_q):
     """fp32 ONNX + checkpoint, then PTQ: fake-quant checkpoint, QDQ ONNX and ORT ONNX."""
     from lane_seg.models import checkpoint
-    from lane_seg.models.export import export_onnx, to_ort_int8
+    from lane_seg.models.export import export_onnx, to_ort_int8, to_u8u8
     from lane_seg.models.quant import calibrate, freeze_for_export, quantize_model, QuantConfig
     fp32_meta = meta_fn(False, ckpt_float)
     checkpoint.save(folder / ckpt_float, model, fp32_meta)
@@ -146,6 +147,7 @@ def _export_family(folder, stem, model, meta_fn, calib, ckpt_float, ckpt_q):
     freeze_for_export(model)
     export_onnx(model, q_meta, folder / f'{stem}_int8_qdq.onnx')
     to_ort_int8(folder / f'{stem}_int8_qdq.onnx', folder / f'{stem}_int8_ort.onnx')
+    to_u8u8(folder / f'{stem}_int8_ort.onnx', folder / f'{stem}_int8_u8u8.onnx')
 
 
 class ConstFlow:

@@ -121,11 +121,12 @@ def test_seg_qat_gives_an_8_bit_checkpoint(runs):
 def test_seg_export_writes_all_artefacts(runs):
     files = runs.seg_files
     assert set(files) == {'fp32_checkpoint', 'fp32_onnx', 'int8_checkpoint', 'int8_qdq_onnx',
-                          'int8_ort_onnx'}
+                          'int8_ort_onnx', 'int8_u8u8_onnx'}
     assert check_tensorrt_qdq(files['int8_qdq_onnx']) == []
-    assert check_tensorrt_qdq(files['fp32_onnx'])      # not quantized: refused
-    assert check_tensorrt_qdq(files['int8_ort_onnx'])  # uint8 activations: refused
-    for key in ('fp32_onnx', 'int8_qdq_onnx', 'int8_ort_onnx'):
+    assert check_tensorrt_qdq(files['fp32_onnx'])       # not quantized: refused
+    assert check_tensorrt_qdq(files['int8_ort_onnx'])   # uint8 activations: refused
+    assert check_tensorrt_qdq(files['int8_u8u8_onnx'])  # uint8 weights too: refused
+    for key in ('fp32_onnx', 'int8_qdq_onnx', 'int8_ort_onnx', 'int8_u8u8_onnx'):
         meta = read_model_metadata(files[key])
         assert meta['name'] == {'fp32_onnx': 'lane_fp32'}.get(key, 'lane_int8')
         assert meta['inputs'][0]['shape'] == [1, 3, 64, 128]

@@ -10,6 +10,7 @@ build time; a failed build is logged and the CPU engine keeps serving. The choic
 reason are always logged.
 """
 
+from pathlib import Path
 import threading
 import time
 
@@ -178,7 +179,7 @@ def _cpu_form(model):
 
 def _tensorrt_form(model):
     """Return the TensorRT form of a model: an ORT int8 model's QDQ sibling, else itself."""
-    if '_int8_ort' in str(model):
+    if Path(model).stem.endswith(('_int8_ort', '_int8_u8u8')):
         return sibling_model(model, 'int8_qdq')
     return model
 

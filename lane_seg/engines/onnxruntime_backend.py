@@ -58,6 +58,38 @@ def _providers(ort, device, cache_dir):
     return [wanted]
 
 
+def exact_int8_form(path, device=None, logger=None) -> tuple:
+    """
+    ``(path, kernels)``: the int8 form of ``path`` that computes exactly on this CPU.
+
+    An ONNX Runtime u8s8 model (``*_int8_ort.onnx``) on an x86 CPU without VNNI is swapped for
+    its u8u8 sibling (``*_int8_u8u8.onnx``), and the reverse with VNNI; ``kernels`` is None for
+    other models and on GPU providers (which take either form alike).
+    """
+    from ..resources import sibling_model
+    from .int8_kernels import int8_kernels
+    stem = path.stem
+    form = ('u8s8' if stem.endswith('_int8_ort') else
+            'u8u8' if stem.endswith('_int8_u8u8') else None)
+    if form is None or device not in (None, 'cpu'):
+        return path, None
+    try:
+        kernels, why = int8_kernels()
+    except ValueError as exc:
+        raise EngineError(str(exc)) from exc
+    if kernels == form:
+        return path, f'{form} ({why})'
+    other = sibling_model(path, 'int8_u8u8' if kernels == 'u8u8' else 'int8_ort')
+    if other is None:
+        if kernels == 'u8u8':
+            log(logger, 'warning', f'{path.name}: {why}, and its exact u8u8 form '
+                                   f'{stem[:-len("_int8_ort")]}_int8_u8u8.onnx is not beside '
+                                   f'it: some outputs may be off (re-package the model)')
+        return path, f'{form} ({why})'
+    log(logger, 'info', f'onnxruntime: {other.name} instead of {path.name} ({why})')
+    return other, f'{kernels} ({why})'
+
+
 def _dims(shape):
     return tuple(v if isinstance(v, int) and v > 0 else None for v in shape)
 
@@ -117,6 +149,7 @@ class OnnxRuntimeEngine(BaseEngine):
         path = Path(path)
         if not path.exists():
             raise EngineError(f'{path}: model file does not exist')
+        path, self.int8_kernels = exact_int8_form(path, device, logger)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
@@ -164,6 +197,8 @@ class OnnxRuntimeEngine(BaseEngine):
     def describe(self) -> dict:
         info = super().describe()
         info.update(providers=list(self.providers), threads=self.threads)
+        if self.int8_kernels:
+            info['int8_kernels'] = self.int8_kernels
         return info
 
     def close(self):

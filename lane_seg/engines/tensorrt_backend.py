@@ -72,9 +72,12 @@ def build_precision(meta: dict, precision=None) -> str:
 def check_model(path, meta: dict):
     """Refuse, before any GPU work, the models TensorRT cannot take as they are."""
     if meta.get('quantization', {}).get('ort_activation_type') == 'uint8':
-        sibling = str(path).replace('_int8_ort', '_int8_qdq')
+        stem = Path(path).stem
+        for form in ('_int8_ort', '_int8_u8u8'):
+            if stem.endswith(form):
+                stem = stem[:-len(form)] + '_int8_qdq'
         raise EngineError(f'{path} is the ONNX Runtime int8 form (uint8 activations); '
-                          f'TensorRT needs the signed QDQ model ({Path(sibling).name})')
+                          f'TensorRT needs the signed QDQ model ({stem}.onnx)')
     if Path(path).suffix != '.onnx':
         raise EngineError(f'{path}: the tensorrt backend builds engines from ONNX models')
 

@@ -1,13 +1,15 @@
 """
 ONNX export with embedded metadata, the ONNX Runtime int8 form, and TensorRT's QDQ rules.
 
-Three artefacts per model:
+Four artefacts per model:
 - ``*_fp32.onnx``: the float model (BatchNorm folded by the exporter in eval mode);
 - ``*_int8_qdq.onnx``: explicit quantization for TensorRT: QuantizeLinear/DequantizeLinear
   pairs, int8, zero point 0, per-channel weight scales on axis 0, per-tensor activations;
 - ``*_int8_ort.onnx``: the same numbers for ONNX Runtime on x86: activations re-expressed as
   uint8 with zero point 128 (q_u8 = q_s8 + 128, identical values) so that its QDQ fusion runs
-  u8s8 integer kernels (VNNI), the form MLAS is fastest with.
+  u8s8 integer kernels (VNNI), the form MLAS is fastest with;
+- ``*_int8_u8u8.onnx``: the ORT form with the weights as uint8 around 128 too, for x86 CPUs
+  without VNNI, where the u8s8 kernels saturate (ONNX Runtime picks the form by CPU).
 """
 
 import json
@@ -164,6 +166,51 @@ def to_ort_int8(qdq_path, out_path):
     onnx.save(model, str(out_path))
     meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
     meta['quantization'] = dict(meta['quantization'], ort_activation_type='uint8')
+    return embed_metadata(out_path, meta)
+
+
+def to_u8u8(ort_path, out_path):
+    """
+    Re-express the int8 weights of an ONNX Runtime int8 model as uint8 around zero point 128.
+
+    w_u8 = w_s8 + 128 with zero point 128: the dequantized weights are identical, and ONNX
+    Runtime runs its u8u8 kernels, exact on x86 CPUs without VNNI where the u8s8 ones
+    saturate (see :mod:`lane_seg.engines.int8_kernels`). Activations stay as they are.
+    """
+    import onnx
+    from onnx import numpy_helper
+    model = onnx.load(str(ort_path))
+    graph = model.graph
+    inits = {t.name: t for t in graph.initializer}
+    consts = {n.output[0]: n for n in graph.node if n.op_type == 'Constant'}
+    changed = 0
+    for node in graph.node:
+        if node.op_type != 'DequantizeLinear' or node.input[0] not in inits:
+            continue
+        weights = numpy_helper.to_array(inits[node.input[0]])
+        if weights.dtype != np.int8:
+            continue
+        scale = _const_value(node.input[1], inits, consts)
+        zero = (_const_value(node.input[2], inits, consts) if len(node.input) > 2
+                else np.zeros((), np.int8))
+        if scale is None or zero is None or np.any(zero != 0):
+            raise ValueError(f'{ort_path}: weights {node.input[0]} are not symmetric int8 '
+                             'with constant scales')
+        shifted = (weights.astype(np.int16) + 128).astype(np.uint8)
+        inits[node.input[0]].CopyFrom(numpy_helper.from_array(shifted, node.input[0]))
+        zp_name = f'{node.input[0]}_lane_seg_zp_u8'
+        graph.initializer.append(numpy_helper.from_array(
+            np.full(np.shape(scale), 128, np.uint8), zp_name))
+        if len(node.input) > 2:
+            node.input[2] = zp_name
+        else:
+            node.input.append(zp_name)
+        changed += 1
+    if changed == 0:
+        raise ValueError(f'{ort_path}: no int8 weights to convert')
+    onnx.save(model, str(out_path))
+    meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
+    meta['quantization'] = dict(meta['quantization'], ort_weight_type='uint8')
     return embed_metadata(out_path, meta)
 
 

@@ -3,7 +3,8 @@
 
 From a float checkpoint and a fake-quantized 8-bit one (PTQ or QAT) it writes, into OUT:
 ``NAME_fp32.onnx``, ``NAME_int8_qdq.onnx`` (TensorRT explicit quantization; checked against
-TensorRT's Q/DQ rules), ``NAME_int8_ort.onnx`` (ONNX Runtime's fastest integer form), the two
+TensorRT's Q/DQ rules), ``NAME_int8_ort.onnx`` (ONNX Runtime's fastest integer form, u8s8),
+``NAME_int8_u8u8.onnx`` (the same numbers, exact on x86 CPUs without VNNI), the two
 checkpoints as ``NAME_fp32.safetensors`` / ``NAME_int8.safetensors`` (for the torch backend),
 and a ``.json`` metadata file beside every artefact.
 """
@@ -16,7 +17,7 @@ import shutil
 def export_models(float_ckpt, int8_ckpt, out, name, extra_metrics=None) -> dict:
     """Write all artefacts; returns {artefact: path}. Raises ValueError on rule violations."""
     from ..models import checkpoint
-    from ..models.export import check_tensorrt_qdq, export_onnx, to_ort_int8
+    from ..models.export import check_tensorrt_qdq, export_onnx, to_ort_int8, to_u8u8
     from ..models.quant import freeze_for_export
     out = Path(out)
     out.mkdir(parents=True, exist_ok=True)
@@ -52,4 +53,7 @@ def export_models(float_ckpt, int8_ckpt, out, name, extra_metrics=None) -> dict:
             ort_path = out / f'{name}_int8_ort.onnx'
             to_ort_int8(qdq, ort_path)
             written['int8_ort_onnx'] = ort_path
+            u8u8_path = out / f'{name}_int8_u8u8.onnx'
+            to_u8u8(ort_path, u8u8_path)
+            written['int8_u8u8_onnx'] = u8u8_path
     return {k: str(v) for k, v in written.items()}
