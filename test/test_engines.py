@@ -13,6 +13,7 @@ from lane_seg.engines.int8_kernels import int8_kernels, u8s8_exact
 from lane_seg.engines.onnxruntime_backend import OnnxRuntimeEngine
 from lane_seg.models.metadata import METADATA_KEY, REQUIRED
 from lane_seg.pipeline.frames import FramePreparer
+from lane_seg.pipeline.lanes import LanePipeline
 import numpy as np
 import pytest
 
@@ -225,7 +226,6 @@ class _Log:
 
 def test_background_build_serves_frames_before_during_and_after_the_switch(models):
     """A fake slow builder: frames flow on ONNX Runtime, then on the new engine, none lost."""
-    from lane_seg.pipeline.lanes import LanePipeline
     release = threading.Event()
     started = threading.Event()
     built = {}
@@ -342,7 +342,6 @@ def test_shipped_models_resolve_per_backend_and_missing_ones_say_where(
         models, tmp_path, monkeypatch):
     import shutil
     from lane_seg import resources
-    from lane_seg.pipeline.lanes import LanePipeline
     share = tmp_path / 'share'
     (share / 'models').mkdir(parents=True)
     monkeypatch.setattr(resources, 'share_dirs', lambda: [share])
@@ -421,6 +420,12 @@ def test_onnxruntime_loads_the_int8_form_the_kernels_need(models, monkeypatch, k
         with load_engine(models[given], backend='onnxruntime', threads=1) as engine:
             assert engine.source.endswith(want)
             assert engine.describe()['int8_kernels'].startswith(kernels)
+        # what the nodes show in their log line and diagnostics
+        with LanePipeline.from_model(models[given], backend='onnxruntime', threads=1) as pipe:
+            shown = pipe.describe()
+            assert shown['model'] == str(models[given])
+            assert shown.get('model_file', str(models[given])).endswith(want)
+            assert shown['int8_kernels'].startswith(kernels)
     with load_engine(models['lane_int8_qdq'], backend='onnxruntime', threads=1) as engine:
         assert engine.source.endswith('lane_int8_qdq.onnx')       # signed QDQ: as given
         assert 'int8_kernels' not in engine.describe()

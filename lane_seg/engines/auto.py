@@ -71,6 +71,14 @@ class SwitchingEngine:
     def precision(self) -> str:
         return self._engine.precision
 
+    @property
+    def source(self):
+        return getattr(self._engine, 'source', None)
+
+    @property
+    def int8_kernels(self):
+        return getattr(self._engine, 'int8_kernels', None)
+
     def input_spec(self):
         return self._engine.input_spec()
 

@@ -13,6 +13,7 @@ accepts other sizes.
 """
 
 from dataclasses import dataclass
+from pathlib import Path
 import time
 
 import numpy as np
@@ -151,6 +152,12 @@ def describe(pipe, extra: dict) -> dict:
     h, w = pipe.input_size
     info = {'model': pipe.model, 'backend': engine.backend, 'precision': engine.precision,
             'input_size': f'{h}x{w}', 'name': pipe.meta.get('name'), 'task': pipe.meta['task']}
+    source = getattr(engine, 'source', None)   # the file run, where the engine chose a twin
+    if source and Path(str(source)).name != Path(str(pipe.model)).name:
+        info['model_file'] = str(source)
+    kernels = getattr(engine, 'int8_kernels', None)
+    if kernels:
+        info['int8_kernels'] = kernels
     info.update(extra)
     status = getattr(engine, 'status', None)
     if status is not None:
