@@ -449,7 +449,10 @@ class PerceptionNode(Node):
             self.stats.set_startup_failure(None)
             self.pipeline = pipeline
         self.get_logger().info(
-            f'{self.TASK}: model {info.get("model", "?")}, backend '
+            f'{self.TASK}: model {info.get("model", "?")}'
+            + (f' (running {info["model_file"]}, int8 kernels {info.get("int8_kernels")})'
+               if info.get('model_file') else '')
+            + ', backend '
             f'{info.get("backend", "?")}, precision {info.get("precision", "?")}, input '
             f'{info.get("input_size", "?")} (loaded in {time.monotonic() - t0:.2f} s); '
             f'listening on {self._topic} (frames received by the {self.receive} thread)')
