@@ -331,10 +331,23 @@ def plan(models=None, backends=None) -> tuple:
                 if precision == 'int8':
                     label = 'int8'
                     notes.append('fake-quantized (int8 values, float arithmetic)')
-            elif backend != 'onnxruntime':
+            elif backend == 'onnxruntime':
+                # the file the engine will run on this CPU (u8s8 or u8u8 twin), named as such
+                from .engines.onnxruntime_backend import exact_int8_form
+                model, kernels = exact_int8_form(model)
+                if kernels:
+                    notes.append(f'int8 kernels {kernels}')
+                if any(c.model == str(model) and c.backend == backend for c in configs):
+                    skipped.append(f'{path.name} x onnxruntime: runs as {model.name}, already '
+                                   'in the grid')
+                    continue
+            else:
                 skipped.append(f'backend {backend!r} unknown')
                 continue
-            configs.append(Config(name=f'{meta.get("name", path.stem)} / {backend} / {label}',
+            suffix = f' ({model.stem.rsplit("_", 1)[-1]})' if backend == 'onnxruntime' and \
+                model.stem.endswith(('_int8_ort', '_int8_u8u8')) else ''
+            configs.append(Config(name=f'{meta.get("name", path.stem)} / {backend} / {label}'
+                                  + suffix,
                                   task=task, backend=backend, precision=label,
                                   model=str(model), notes=notes))
     # torch last: importing it changes nothing for the others, but keep them clean.
@@ -738,6 +751,8 @@ def run_bench(models=None, backends=None, frames: int = 100, out='docs/bench', t
                     # fake-quantized torch computes in float: compare with the fp32 peak
                     int8 = cfg.precision == 'int8' and cfg.backend == 'onnxruntime'
                     ref = peak['int8_peak_gmacs' if int8 else 'fp32_peak_gmacs']
+                    if int8 and ref and cfg.model.endswith('_int8_u8u8.onnx'):
+                        ref /= 2   # u8u8 kernels widen to 16 bits first: half the u8s8 rate
                     entry['peak_fraction'] = per_s / 1e9 / ref if ref else None
             if memory:
                 entry['memory'] = measure_memory([cfg], frameset, threads, tmp)

@@ -5,6 +5,7 @@ import json
 from engine_models import session_models, UNET_ARCH
 from lane_seg.bench import cpu_peak, onnx_conv_stats, plan, run_bench
 from lane_seg.cli import main
+from lane_seg.engines.int8_kernels import int8_kernels
 import pytest
 
 
@@ -23,7 +24,9 @@ def test_bench_writes_json_markdown_and_plots(models, tmp_path):
     data = json.loads((out / 'bench.json').read_text())
     assert data['machine']['cpu'] and data['machine']['versions']['onnxruntime']
     names = [r['name'] for r in data['results']]
-    assert names[:2] == ['flow_int8 / onnxruntime / int8', 'lane_int8 / onnxruntime / int8']
+    form = 'ort' if int8_kernels()[0] == 'u8s8' else 'u8u8'   # the twin this CPU runs
+    assert names[:2] == [f'flow_int8 / onnxruntime / int8 ({form})',
+                         f'lane_int8 / onnxruntime / int8 ({form})']
     assert len(names) == 6 and all('error' not in r for r in data['results']), data['results']
     lanes = data['results'][1]
     assert lanes['frames_timed'] == 3 and lanes['latency']['median_ms'] > 0
@@ -39,7 +42,8 @@ def test_bench_writes_json_markdown_and_plots(models, tmp_path):
     assert both['peak_rss_mb'] > 10 and both['torch_imported'] is False
     assert [t['ok'] for t in data['targets']].count(None) == 0
     md = (out / 'bench.md').read_text()
-    assert '| lane_int8 / onnxruntime / int8 |' in md and 'OpenCV dis ultrafast' in md
+    assert f'| lane_int8 / onnxruntime / int8 ({form}) |' in md and 'OpenCV dis ultrafast' in md
+    assert 'ONNX Runtime int8 kernels u8' in md
     assert 'cores x' in md and report['written'][0].endswith('bench.json')
 
 
@@ -47,7 +51,9 @@ def test_plan_skips_what_cannot_run_with_reasons(models):
     configs, skipped = plan([str(models['lane_int8_ort']), str(models['const_flow'])],
                             ['onnxruntime', 'torch', 'tensorrt'])
     names = [c.name for c in configs]
-    assert 'lane_int8 / onnxruntime / int8' in names and 'lane_int8 / torch / int8' in names
+    form = 'ort' if int8_kernels()[0] == 'u8s8' else 'u8u8'
+    assert f'lane_int8 / onnxruntime / int8 ({form})' in names
+    assert 'lane_int8 / torch / int8' in names
     assert 'lane_int8 / tensorrt / int8' in names           # its QDQ sibling is there
     trt = next(c for c in configs if c.backend == 'tensorrt' and c.task == 'lanes')
     assert trt.model.endswith('lane_int8_qdq.onnx')
@@ -80,3 +86,15 @@ def test_bench_verb(models, tmp_path, capsys):
     assert rc == 0
     assert '| lane_fp32 / onnxruntime / fp32 |' in capsys.readouterr().out
     assert (tmp_path / 'bench.md').exists()
+
+
+def test_plan_runs_each_int8_file_once_and_names_its_kernels(models, monkeypatch):
+    """Both ORT forms given: one run, of the twin the engine would pick, named as such."""
+    for kernels, form in (('u8s8', 'ort'), ('u8u8', 'u8u8')):
+        monkeypatch.setenv('LANE_SEG_INT8_KERNELS', kernels)
+        configs, skipped = plan([str(models['lane_int8_ort']), str(models['lane_int8_u8u8'])],
+                                backends=['onnxruntime'])
+        assert [c.name for c in configs] == [f'lane_int8 / onnxruntime / int8 ({form})']
+        assert configs[0].model.endswith(f'lane_int8_{form}.onnx')
+        assert configs[0].notes == [f'int8 kernels {kernels} (LANE_SEG_INT8_KERNELS={kernels})']
+        assert len(skipped) == 1 and 'already in the grid' in skipped[0]

@@ -10,7 +10,7 @@ from lane_seg.engines import BACKENDS, EngineError, load_engine
 from lane_seg.engines.auto import choose_backend, load_auto, SwitchingEngine
 from lane_seg.engines.base import precision_of, TensorSpec
 from lane_seg.engines.int8_kernels import int8_kernels, u8s8_exact
-from lane_seg.engines.onnxruntime_backend import OnnxRuntimeEngine
+from lane_seg.engines.onnxruntime_backend import exact_int8_form, OnnxRuntimeEngine
 from lane_seg.models.metadata import METADATA_KEY, REQUIRED
 from lane_seg.pipeline.frames import FramePreparer
 from lane_seg.pipeline.lanes import LanePipeline
@@ -432,3 +432,32 @@ def test_onnxruntime_loads_the_int8_form_the_kernels_need(models, monkeypatch, k
     monkeypatch.setenv('LANE_SEG_INT8_KERNELS', 'fast')
     with pytest.raises(EngineError, match='LANE_SEG_INT8_KERNELS'):
         load_engine(models['lane_int8_ort'], backend='onnxruntime', threads=1)
+
+
+def test_a_twin_made_from_another_model_is_never_swapped_in(models, tmp_path, monkeypatch,
+                                                            caplog):
+    """The u8u8 twin must be made from this very u8s8 file (its sidecar names the weights)."""
+    import shutil
+    monkeypatch.setenv('LANE_SEG_INT8_KERNELS', 'u8u8')
+    for name in ('lane_int8_ort', 'lane_int8_u8u8'):
+        for suffix in ('.onnx', '.json'):
+            shutil.copy(models[name].with_suffix(suffix), tmp_path / f'{name}{suffix}')
+    given = tmp_path / 'lane_int8_ort.onnx'
+    with load_engine(given, backend='onnxruntime', threads=1) as engine:
+        assert engine.source.endswith('lane_int8_u8u8.onnx')        # the real twin
+    # a retrained u8s8 model copied over the old one: its old twin no longer matches
+    side = json.loads((tmp_path / 'lane_int8_ort.json').read_text())
+    side['weights_sha256'] = '0' * 64
+    (tmp_path / 'lane_int8_ort.json').write_text(json.dumps(side))
+    with caplog.at_level('WARNING'):
+        with load_engine(given, backend='onnxruntime', threads=1) as engine:
+            assert engine.source == str(given)
+    assert 'was not made from it' in caplog.text
+
+
+def test_the_int8_form_is_chosen_for_the_cpu_provider_only(models, monkeypatch):
+    monkeypatch.setenv('LANE_SEG_INT8_KERNELS', 'u8u8')
+    path = models['lane_int8_ort']
+    assert exact_int8_form(path, on_cpu=False) == (path, None)       # GPU providers: as given
+    swapped, kernels = exact_int8_form(path, on_cpu=True)
+    assert swapped.name == 'lane_int8_u8u8.onnx' and kernels.startswith('u8u8')

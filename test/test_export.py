@@ -341,8 +341,40 @@ def test_u8u8_form_holds_the_same_weights_as_uint8_around_128(exported):
         np.testing.assert_array_equal(scale_u, scale)
     assert exported.u8u8_meta['quantization']['ort_weight_type'] == 'uint8'
     assert exported.u8u8_meta['quantization']['ort_activation_type'] == 'uint8'
+    assert (exported.u8u8_meta['quantization']['u8u8_of_weights_sha256']
+            == exported.ort_meta['weights_sha256'])
     with pytest.raises(ValueError, match='no int8 weights'):
         to_u8u8(exported.fp32, exported.root / 'float_u8u8.onnx')
+
+
+def test_u8u8_form_of_a_weight_shared_by_two_convs_loads_and_matches(exported, tmp_path):
+    from onnx import helper, numpy_helper, TensorProto
+    from lane_seg.models.export import embed_metadata
+    rng = np.random.default_rng(0)
+    init = [numpy_helper.from_array(rng.integers(-127, 128, (4, 4, 3, 3)).astype(np.int8), 'w'),
+            numpy_helper.from_array(np.full(4, 0.01, np.float32), 'ws'),
+            numpy_helper.from_array(np.zeros(4, np.int8), 'wz'),
+            numpy_helper.from_array(np.array(0.05, np.float32), 'xs'),
+            numpy_helper.from_array(np.array(0, np.uint8), 'xz')]
+    nodes = [helper.make_node('QuantizeLinear', ['x', 'xs', 'xz'], ['xq']),
+             helper.make_node('DequantizeLinear', ['xq', 'xs', 'xz'], ['xd'])]
+    for i in (1, 2):     # two DequantizeLinear nodes read the same int8 weight
+        nodes += [helper.make_node('DequantizeLinear', ['w', 'ws', 'wz'], [f'wd{i}'], axis=0),
+                  helper.make_node('Conv', ['xd', f'wd{i}'], [f'y{i}'], pads=[1, 1, 1, 1])]
+    nodes.append(helper.make_node('Add', ['y1', 'y2'], ['y']))
+    graph = helper.make_graph(
+        nodes, 'shared', [helper.make_tensor_value_info('x', TensorProto.FLOAT, [1, 4, 8, 8])],
+        [helper.make_tensor_value_info('y', TensorProto.FLOAT, [1, 4, 8, 8])], init)
+    model = helper.make_model(graph, opset_imports=[helper.make_opsetid('', 17)])
+    model.ir_version = 8
+    src = tmp_path / 'shared_int8_ort.onnx'
+    onnx.save(model, str(src))
+    embed_metadata(src, exported.ort_meta)   # any valid metadata: only the graph matters here
+    to_u8u8(src, tmp_path / 'shared_int8_u8u8.onnx')
+    x = rng.random((1, 4, 8, 8), dtype=np.float32)
+    a = session(src, False).run(None, {'x': x})[0]
+    b = session(tmp_path / 'shared_int8_u8u8.onnx', False).run(None, {'x': x})[0]
+    np.testing.assert_allclose(b, a, rtol=1e-5, atol=1e-5)
 
 
 @needs_exact_u8s8

@@ -46,7 +46,7 @@ $BIN/lane-seg train seg --crop 128 256 --init $RUNS/lane_unet_fp32_ft800/lane_un
 $BIN/lane-seg export seg --float $RUNS/lane_unet_fp32_ft800/lane_unet_fp32_ft800.safetensors \
   --int8 $RUNS/learned_per_layer_size_0.97/learned_per_layer_size_0.97.safetensors \
   --out $RUNS/lane_unet_mixed --name lane_unet_mixed
-cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort}.{onnx,json} models/
+cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort,u8u8}.{onnx,json} models/
 # Flow network, fine-tuned on the 800x600 renders (4 epochs, lr 1e-4: the float reference of
 # the Pareto study, docs/learned_bits.md), then 8-bit PTQ calibrated on the same renders.
 $BIN/lane-seg train flow --crop 128 256 --init $RUNS/flow_fp32b/flow_fp32b.safetensors --data cache:$CACHE/train800 \
@@ -93,7 +93,7 @@ $BIN/lane-seg train seg --init $RUNS/lane_full46/lane_full46.safetensors $QAT_19
 $BIN/lane-seg export seg --float $RUNS/lane_full46/lane_full46.safetensors \
   --int8 $RUNS/lane_mixed_0.97/lane_mixed_0.97.safetensors --out $RUNS/lane_unet_mixed \
   --name lane_unet_mixed
-cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort}.{onnx,json} models/
+cp $RUNS/lane_unet_mixed/lane_unet_mixed_int8_{qdq,ort,u8u8}.{onnx,json} models/
 # Flow: 12 epochs on the 768 pairs from the model shipped before, then 8-bit PTQ.
 $BIN/lane-seg train flow --init $RUNS/flow_fp32_ft800/flow_fp32_ft800.safetensors \
   --data cache:$CACHE/train800b,cache:$CACHE/train800c --val cache:$CACHE/val800 --crop 256 512 \
@@ -165,4 +165,4 @@ $BIN/lane-seg train flow --init $RUNS/flow_full12/flow_full12.safetensors $QAT_1
   --out $RUNS/flow_mixed_0.4
 $BIN/lane-seg export flow --float $RUNS/flow_full12/flow_full12.safetensors \
   --int8 $RUNS/flow_mixed_0.4/flow_mixed_0.4.safetensors --out $RUNS/flow_mixed --name flow_mixed
-cp $RUNS/flow_mixed/flow_mixed_int8_{qdq,ort}.{onnx,json} models/
+cp $RUNS/flow_mixed/flow_mixed_int8_{qdq,ort,u8u8}.{onnx,json} models/

@@ -7,6 +7,7 @@ without metadata, with inconsistent metadata, or whose graph has other tensor na
 than its metadata says, is refused at load time with every problem named.
 """
 
+import json
 from pathlib import Path
 
 import numpy as np
@@ -58,20 +59,31 @@ def _providers(ort, device, cache_dir):
     return [wanted]
 
 
-def exact_int8_form(path, device=None, logger=None) -> tuple:
+def _twins(ort_form, u8u8_form) -> bool:
+    """Whether the u8u8 file was made from this u8s8 file (their .json sidecars say)."""
+    try:
+        source = json.loads(sidecar_path(ort_form).read_text()).get('weights_sha256')
+        made_of = json.loads(sidecar_path(u8u8_form).read_text()).get(
+            'quantization', {}).get('u8u8_of_weights_sha256')
+    except (OSError, ValueError):
+        return False
+    return source is not None and source == made_of
+
+
+def exact_int8_form(path, on_cpu=True, logger=None) -> tuple:
     """
     ``(path, kernels)``: the int8 form of ``path`` that computes exactly on this CPU.
 
     An ONNX Runtime u8s8 model (``*_int8_ort.onnx``) on an x86 CPU without VNNI is swapped for
-    its u8u8 sibling (``*_int8_u8u8.onnx``), and the reverse with VNNI; ``kernels`` is None for
-    other models and on GPU providers (which take either form alike).
+    its u8u8 twin (``*_int8_u8u8.onnx``, when its sidecar says it was made from that very
+    file), and the reverse with VNNI; ``kernels`` is None for other models and off the CPU.
     """
     from ..resources import sibling_model
     from .int8_kernels import int8_kernels
     stem = path.stem
     form = ('u8s8' if stem.endswith('_int8_ort') else
             'u8u8' if stem.endswith('_int8_u8u8') else None)
-    if form is None or device not in (None, 'cpu'):
+    if form is None or not on_cpu:
         return path, None
     try:
         kernels, why = int8_kernels()
@@ -80,6 +92,10 @@ def exact_int8_form(path, device=None, logger=None) -> tuple:
     if kernels == form:
         return path, f'{form} ({why})'
     other = sibling_model(path, 'int8_u8u8' if kernels == 'u8u8' else 'int8_ort')
+    if other is not None and not _twins(*((path, other) if form == 'u8s8' else (other, path))):
+        log(logger, 'warning', f'{other.name} beside {path.name} was not made from it (their '
+                               f'.json sidecars disagree): running {path.name} as given')
+        other = None
     if other is None:
         if kernels == 'u8u8':
             log(logger, 'warning', f'{path.name}: {why}, and its exact u8u8 form '
@@ -149,7 +165,6 @@ class OnnxRuntimeEngine(BaseEngine):
         path = Path(path)
         if not path.exists():
             raise EngineError(f'{path}: model file does not exist')
-        path, self.int8_kernels = exact_int8_form(path, device, logger)
         opts = ort.SessionOptions()
         opts.intra_op_num_threads = max(1, int(threads))
         opts.inter_op_num_threads = 1
@@ -161,6 +176,9 @@ class OnnxRuntimeEngine(BaseEngine):
         # host: 16 ms per frame spinning against 9 ms not).
         opts.add_session_config_entry('session.intra_op.allow_spinning', '1' if spin else '0')
         providers = _providers(ort, device, cache_dir)
+        # int8 kernels matter on the CPU provider only (GPU providers take either form alike)
+        on_cpu = providers[0] == 'CPUExecutionProvider'
+        path, self.int8_kernels = exact_int8_form(path, on_cpu, logger)
         try:
             session = ort.InferenceSession(str(path), sess_options=opts, providers=providers)
         except Exception as exc:  # noqa: B902 - ORT raises its own exception types

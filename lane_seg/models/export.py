@@ -183,9 +183,14 @@ def to_u8u8(ort_path, out_path):
     graph = model.graph
     inits = {t.name: t for t in graph.initializer}
     consts = {n.output[0]: n for n in graph.node if n.op_type == 'Constant'}
+    converted = {}   # weight name -> its uint8 zero point (a weight may feed several DQs)
     changed = 0
     for node in graph.node:
         if node.op_type != 'DequantizeLinear' or node.input[0] not in inits:
+            continue
+        if node.input[0] in converted:
+            del node.input[2:]
+            node.input.append(converted[node.input[0]])
             continue
         weights = numpy_helper.to_array(inits[node.input[0]])
         if weights.dtype != np.int8:
@@ -201,16 +206,17 @@ def to_u8u8(ort_path, out_path):
         zp_name = f'{node.input[0]}_lane_seg_zp_u8'
         graph.initializer.append(numpy_helper.from_array(
             np.full(np.shape(scale), 128, np.uint8), zp_name))
-        if len(node.input) > 2:
-            node.input[2] = zp_name
-        else:
-            node.input.append(zp_name)
+        del node.input[2:]
+        node.input.append(zp_name)
+        converted[node.input[0]] = zp_name
         changed += 1
     if changed == 0:
         raise ValueError(f'{ort_path}: no int8 weights to convert')
     onnx.save(model, str(out_path))
     meta = json.loads({p.key: p.value for p in model.metadata_props}[METADATA_KEY])
-    meta['quantization'] = dict(meta['quantization'], ort_weight_type='uint8')
+    # the twin names its source, so that an engine never pairs it with another model
+    meta['quantization'] = dict(meta['quantization'], ort_weight_type='uint8',
+                                u8u8_of_weights_sha256=meta.get('weights_sha256'))
     return embed_metadata(out_path, meta)
 
 

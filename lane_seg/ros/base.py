@@ -450,8 +450,8 @@ class PerceptionNode(Node):
             self.pipeline = pipeline
         self.get_logger().info(
             f'{self.TASK}: model {info.get("model", "?")}'
-            + (f' (running {info["model_file"]}, int8 kernels {info.get("int8_kernels")})'
-               if info.get('model_file') else '')
+            + (f' (running {info["model_file"]})' if info.get('model_file') else '')
+            + (f' (int8 kernels {info["int8_kernels"]})' if info.get('int8_kernels') else '')
             + ', backend '
             f'{info.get("backend", "?")}, precision {info.get("precision", "?")}, input '
             f'{info.get("input_size", "?")} (loaded in {time.monotonic() - t0:.2f} s); '
