@@ -9,7 +9,7 @@ from engine_models import fixture_frames, flow_inputs, session_models, strip_met
 from lane_seg.engines import BACKENDS, EngineError, load_engine
 from lane_seg.engines.auto import choose_backend, load_auto, SwitchingEngine
 from lane_seg.engines.base import precision_of, TensorSpec
-from lane_seg.engines.int8_kernels import int8_kernels, u8s8_exact
+from lane_seg.engines.int8_kernels import cpu_flags, int8_kernels, u8s8_exact
 from lane_seg.engines.onnxruntime_backend import exact_int8_form, OnnxRuntimeEngine
 from lane_seg.models.metadata import METADATA_KEY, REQUIRED
 from lane_seg.pipeline.frames import FramePreparer
@@ -403,6 +403,11 @@ def test_u8s8_kernels_are_trusted_only_with_vnni_on_x86():
     assert not exact and 'without VNNI' in why
     assert not u8s8_exact('x86_64', set())[0]
     assert u8s8_exact('aarch64', set())[0]
+    # without /proc/cpuinfo (macOS, Windows): NumPy's detected features
+    from numpy._core._multiarray_umath import __cpu_features__ as numpy_features
+    flags = cpu_flags('/nonexistent/cpuinfo')
+    assert flags is not None and ('avx512_vnni' in flags) == numpy_features['AVX512VNNI']
+    assert ('avx2' in flags) == numpy_features['AVX2']
     assert int8_kernels({}, 'x86_64', {'avx2'}) == ('u8u8', 'x86 CPU without VNNI: u8s8 '
                                                     'kernels saturate')
     assert int8_kernels({}, 'x86_64', {'avx512_vnni'})[0] == 'u8s8'

@@ -22,15 +22,30 @@ X86 = ('x86_64', 'amd64', 'i386', 'i686', 'x86')
 
 
 def cpu_flags(path='/proc/cpuinfo'):
-    """Return the CPU's feature flags (Linux), or None where they cannot be read."""
+    """
+    Return the CPU's feature flags, or None where they cannot be read.
+
+    From ``/proc/cpuinfo`` on Linux; elsewhere (macOS, Windows) from the features NumPy
+    detected, which name AVX512-VNNI but not AVX-VNNI (such CPUs then get the exact u8u8 form).
+    """
     try:
         with open(path, encoding='utf-8', errors='replace') as f:
             for line in f:
                 if line.startswith('flags'):
                     return set(line.split(':', 1)[1].split())
     except OSError:
+        return numpy_flags()
+    return numpy_flags()
+
+
+def numpy_flags():
+    """Return the x86 features NumPy detected, named as in /proc/cpuinfo, or None."""
+    try:
+        from numpy._core._multiarray_umath import __cpu_features__ as features
+    except ImportError:
         return None
-    return None
+    names = {'AVX2': 'avx2', 'AVX512F': 'avx512f', 'AVX512VNNI': 'avx512_vnni'}
+    return {flag for key, flag in names.items() if features.get(key)}
 
 
 def u8s8_exact(machine=None, flags=None) -> tuple:
