@@ -110,7 +110,8 @@ def exported(tmp_path_factory, one_thread_module):
 
 def test_export_embeds_metadata(exported):
     for path, returned in ((exported.fp32, exported.fp32_meta), (exported.qdq, exported.qdq_meta),
-                           (exported.ort, exported.ort_meta)):
+                           (exported.ort, exported.ort_meta),
+                           (exported.u8u8, exported.u8u8_meta)):
         meta = read_model_metadata(path)
         assert meta == returned
         assert json.loads(sidecar_path(path).read_text()) == meta
@@ -124,7 +125,7 @@ def test_export_embeds_metadata(exported):
     assert exported.ort_meta['quantization']['ort_activation_type'] == 'uint8'
     assert exported.fp32_meta['quantization'] == {'scheme': 'float32'}
     assert len({exported.fp32_meta['weights_sha256'], exported.qdq_meta['weights_sha256'],
-                exported.ort_meta['weights_sha256']}) == 3
+                exported.ort_meta['weights_sha256'], exported.u8u8_meta['weights_sha256']}) == 4
 
 
 def test_stripped_model_names_missing_keys(exported, tmp_path):
@@ -480,3 +481,23 @@ def test_shipped_qdq_models_follow_tensorrt_rules():
             'flow_mixed_int8_qdq.onnx'} <= names
     for path in shipped:
         assert check_tensorrt_qdq(path) == [], path.name
+
+
+def test_every_shipped_ort_model_has_its_own_u8u8_twin():
+    """What the engines swap in on x86 without VNNI: made from that very file, same numbers."""
+    from onnx import numpy_helper
+    from lane_seg.engines.onnxruntime_backend import _twins
+    shipped = sorted((REPO / 'models').glob('*_int8_ort.onnx'))
+    assert len(shipped) == 4
+    for ort_form in shipped:
+        twin = ort_form.with_name(ort_form.name.replace('_int8_ort', '_int8_u8u8'))
+        assert _twins(ort_form, twin), twin.name
+        weights = {}
+        for path in (ort_form, twin):
+            model = onnx.load(str(path))
+            weights[path] = {t.name: numpy_helper.to_array(t) for t in model.graph.initializer
+                             if t.data_type in (onnx.TensorProto.INT8, onnx.TensorProto.UINT8)
+                             and len(t.dims) == 4}
+        assert weights[ort_form].keys() == weights[twin].keys() and weights[ort_form]
+        for name, w8 in weights[ort_form].items():
+            np.testing.assert_array_equal(weights[twin][name].astype(np.int16) - 128, w8)
