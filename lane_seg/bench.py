@@ -301,6 +301,7 @@ def plan(models=None, backends=None) -> tuple:
     """(configs, skipped notes) for the model x backend x precision grid."""
     from .engines.base import precision_of
     from .models.metadata import MetadataError, read_model_metadata
+    from .resources import model_form, ORT_INT8_FORMS, sibling_model
     backends = list(backends or available_backends())
     configs, skipped = [], []
     for path, note in _resolve_models(models or ['lanes', 'flow']):
@@ -317,8 +318,7 @@ def plan(models=None, backends=None) -> tuple:
         for backend in backends:
             model, label, notes = Path(path), precision, []
             if backend == 'tensorrt':
-                if model.stem.endswith(('_int8_ort', '_int8_u8u8')):
-                    from .resources import sibling_model
+                if model_form(model) in ORT_INT8_FORMS:
                     model = sibling_model(model, 'int8_qdq')
                     if model is None:
                         skipped.append(f'{path.name} x tensorrt: no *_int8_qdq.onnx beside it')
@@ -344,8 +344,9 @@ def plan(models=None, backends=None) -> tuple:
             else:
                 skipped.append(f'backend {backend!r} unknown')
                 continue
-            suffix = f' ({model.stem.rsplit("_", 1)[-1]})' if backend == 'onnxruntime' and \
-                model.stem.endswith(('_int8_ort', '_int8_u8u8')) else ''
+            form = model_form(model)
+            suffix = (f' ({form.split("_")[-1]})' if backend == 'onnxruntime'
+                      and form in ORT_INT8_FORMS else '')
             configs.append(Config(name=f'{meta.get("name", path.stem)} / {backend} / {label}'
                                   + suffix,
                                   task=task, backend=backend, precision=label,

@@ -88,16 +88,28 @@ def shipped_model(task: str, precision: str = 'int8', backend: str = 'onnxruntim
                         'models (see README, "Models") and reinstall, or pass a model path')
 
 
-def sibling_model(path, form: str):
-    """
-    Return the same model in another form or None.
+# Forms of one model, by file-name suffix: 'int8_qdq' (TensorRT), 'int8_ort' (ONNX Runtime,
+# u8s8 kernels), 'int8_u8u8' (ONNX Runtime, exact without VNNI), 'fp32'.
+MODEL_FORMS = ('int8_qdq', 'int8_ort', 'int8_u8u8', 'fp32')
+ORT_INT8_FORMS = ('int8_ort', 'int8_u8u8')
 
-    Forms: 'int8_qdq' (TensorRT), 'int8_ort' (ONNX Runtime, u8s8), 'int8_u8u8' (ONNX Runtime,
-    exact without VNNI), 'fp32'.
-    """
+
+def model_form(path):
+    """Return the form a model file's name says (one of MODEL_FORMS), or None."""
+    stem = Path(path).stem
+    return next((f for f in MODEL_FORMS if stem.endswith(f'_{f}')), None)
+
+
+def form_path(path, form: str):
+    """Return the path of the same model in another form (existing or not), or None."""
     path = Path(path)
-    for current in ('_int8_qdq', '_int8_ort', '_int8_u8u8', '_fp32'):
-        if path.stem.endswith(current):
-            other = path.with_name(path.stem[:-len(current)] + f'_{form}' + path.suffix)
-            return other if other.exists() else None
-    return None
+    current = model_form(path)
+    if current is None:
+        return None
+    return path.with_name(path.stem[:-len(current)] + form + path.suffix)
+
+
+def sibling_model(path, form: str):
+    """Return the same model in another form (see MODEL_FORMS) where it exists, or None."""
+    other = form_path(path, form)
+    return other if other is not None and other.exists() else None

@@ -10,13 +10,12 @@ build time; a failed build is logged and the CPU engine keeps serving. The choic
 reason are always logged.
 """
 
-from pathlib import Path
 import threading
 import time
 
 from .base import EngineError, log
 from .onnxruntime_backend import OnnxRuntimeEngine
-from ..resources import sibling_model
+from ..resources import model_form, ORT_INT8_FORMS, sibling_model
 
 BUILDING = 'building engine'
 READY = 'ready'
@@ -180,14 +179,14 @@ class SwitchingEngine:
 
 def _cpu_form(model):
     """Return the ONNX Runtime form of an int8 model (``*_int8_ort.onnx``) if beside it."""
-    if '_int8_qdq' in str(model):
+    if model_form(model) == 'int8_qdq':
         return sibling_model(model, 'int8_ort') or model
     return model
 
 
 def _tensorrt_form(model):
     """Return the TensorRT form of a model: an ORT int8 model's QDQ sibling, else itself."""
-    if Path(model).stem.endswith(('_int8_ort', '_int8_u8u8')):
+    if model_form(model) in ORT_INT8_FORMS:
         return sibling_model(model, 'int8_qdq')
     return model
 

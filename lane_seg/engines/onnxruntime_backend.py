@@ -78,11 +78,9 @@ def exact_int8_form(path, on_cpu=True, logger=None) -> tuple:
     its u8u8 twin (``*_int8_u8u8.onnx``, when its sidecar says it was made from that very
     file), and the reverse with VNNI; ``kernels`` is None for other models and off the CPU.
     """
-    from ..resources import sibling_model
+    from ..resources import form_path, model_form, sibling_model
     from .int8_kernels import int8_kernels
-    stem = path.stem
-    form = ('u8s8' if stem.endswith('_int8_ort') else
-            'u8u8' if stem.endswith('_int8_u8u8') else None)
+    form = {'int8_ort': 'u8s8', 'int8_u8u8': 'u8u8'}.get(model_form(path))
     if form is None or not on_cpu:
         return path, None
     try:
@@ -99,7 +97,7 @@ def exact_int8_form(path, on_cpu=True, logger=None) -> tuple:
     if other is None:
         if kernels == 'u8u8':
             log(logger, 'warning', f'{path.name}: {why}, and its exact u8u8 form '
-                                   f'{stem[:-len("_int8_ort")]}_int8_u8u8.onnx is not beside '
+                                   f'{form_path(path, "int8_u8u8").name} is not beside '
                                    f'it: some outputs may be off (re-package the model)')
         return path, f'{form} ({why})'
     log(logger, 'info', f'onnxruntime: {other.name} instead of {path.name} ({why})')

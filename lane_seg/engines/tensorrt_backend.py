@@ -72,12 +72,10 @@ def build_precision(meta: dict, precision=None) -> str:
 def check_model(path, meta: dict):
     """Refuse, before any GPU work, the models TensorRT cannot take as they are."""
     if meta.get('quantization', {}).get('ort_activation_type') == 'uint8':
-        stem = Path(path).stem
-        for form in ('_int8_ort', '_int8_u8u8'):
-            if stem.endswith(form):
-                stem = stem[:-len(form)] + '_int8_qdq'
+        from ..resources import form_path
+        qdq = form_path(path, 'int8_qdq') or Path(path).with_suffix('.onnx')
         raise EngineError(f'{path} is the ONNX Runtime int8 form (uint8 activations); '
-                          f'TensorRT needs the signed QDQ model ({stem}.onnx)')
+                          f'TensorRT needs the signed QDQ model ({qdq.name})')
     if Path(path).suffix != '.onnx':
         raise EngineError(f'{path}: the tensorrt backend builds engines from ONNX models')
 
